@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny Hugging Face checkpoints written by transformers itself, and the real
+SmolLM2-135M-Instruct checkpoint that ../shared/tools/make-smollm2 builds (CI builds it first)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SMOLLM2 = Path(os.environ.get("GR_SMOLLM2", Path.home() / ".cache/gr-fixtures/smollm2-135m-instruct"))
+
+
+def hf_tiny(tmp_path: Path, name: str = "tiny", seed: int = 0, **overrides) -> Path:
+    """Save a randomly initialized transformers LlamaForCausalLM with a small config to a folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**settings))
+    # Random init leaves the norms at 1; perturb them so a mistake in RMSNorm's weight would show.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    if not (SMOLLM2 / ".complete").exists():
+        pytest.skip(f"no SmolLM2 checkpoint at {SMOLLM2}: build it with ../shared/tools/make-smollm2 (CI does)")
+    return SMOLLM2
