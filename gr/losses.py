@@ -1,0 +1,96 @@
+"""The two training objectives: R-SFT's token NLL (paper section 4) and HS-DPO's weighted DPO (section 6).
+
+Shapes: B sequences of T tokens over a vocabulary of V. `labels` (B, T) hold the token ids to learn and
+-100 (IGNORE) on the prompt and on padding; logits at position t predict the label at t + 1.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from gr.data import IGNORE
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(label_{t+1} | tokens <= t) for every position, and the mask of positions that count.
+
+    logits (B, T, V), labels (B, T) -> logps (B, T-1) float32 (0 where masked), mask (B, T-1) bool.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    logps = -F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten().clamp(min=0), reduction="none"
+    ).view(targets.shape)
+    return logps * mask, mask
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+    """R-SFT loss: the negative log-likelihood of the output tokens, averaged over output tokens.
+
+        L = -(1 / N) * sum_{i, t : label[i, t+1] != -100} log p(label[i, t+1] | x[i, <= t])
+
+    N is the number of counted tokens in this batch, or `num_tokens` when the batch is one part of a
+    larger step (gradient accumulation, several ranks): then the parts' losses add up to the mean over
+    the whole step, as if it were one batch. Prompt and padding tokens add nothing and get no gradient.
+    logits (B, T, V), labels (B, T) -> scalar.
+    """
+    logps, mask = token_logps(logits, labels)
+    return -logps.sum() / (mask.sum() if num_tokens is None else num_tokens)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(y | x) = the sum of the output tokens' log-probabilities, and the output lengths |y|.
+
+    logits (B, T, V), labels (B, T) -> logps (B,) float32, lengths (B,) float32.
+    """
+    logps, mask = token_logps(logits, labels)
+    return logps.sum(-1), mask.sum(-1).float()
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.01,
+    weights: torch.Tensor | None = None,
+    ftx: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """HS-DPO loss of B preference pairs (x, chosen y_w, rejected y_l, hardness weight w).
+
+    Inputs are (B,) sequence log-probabilities: log pi(y_w|x), log pi(y_l|x) under the policy being
+    trained and log ref(y_w|x), log ref(y_l|x) under the frozen R-SFT reference.
+
+        r_w = beta * (log pi(y_w|x) - log ref(y_w|x))            implicit reward of the chosen output
+        r_l = beta * (log pi(y_l|x) - log ref(y_l|x))            implicit reward of the rejected output
+        loss_i = w_i * -log sigmoid(r_w - r_l)  +  ftx * -log pi(y_w|x) / |y_w|
+        loss = mean_i loss_i
+
+    The weight multiplies the preference term only (the paper's objective); the ftx term is the SFT
+    loss on the chosen output, length-normalized (LLaMA-Factory's pref_ftx), which needs
+    `chosen_lengths` (B,). weights None means 1 for every pair (textbook DPO).
+    Returns the loss and metrics (means over the batch): rewards of chosen and rejected, reward accuracy
+    (share of pairs with r_w > r_l), margin r_w - r_l, the preference and SFT terms.
+    """
+    chosen_rewards = beta * (policy_chosen - ref_chosen)
+    rejected_rewards = beta * (policy_rejected - ref_rejected)
+    margins = chosen_rewards - rejected_rewards
+    preference = -F.logsigmoid(margins)
+    if weights is not None:
+        preference = weights * preference
+    losses = preference
+    sft = torch.zeros_like(preference)
+    if ftx:
+        if chosen_lengths is None:
+            raise ValueError("ftx > 0 needs chosen_lengths")
+        sft = -policy_chosen / chosen_lengths
+        losses = losses + ftx * sft
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/accuracy": (margins > 0).float().mean().item(),
+        "rewards/margin": margins.mean().item(),
+        "loss/preference": preference.mean().item(),
+        "loss/sft": sft.mean().item(),
+    }
+    return losses.mean(), metrics

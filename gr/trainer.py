@@ -1,0 +1,221 @@
+"""The one training loop that R-SFT (paper section 4) and HS-DPO (section 6) share.
+
+AdamW, a cosine schedule with linear warmup, gradient accumulation, gradient clipping, bf16 autocast on
+CUDA (fp32 elsewhere), optional gradient checkpointing, batches of similar lengths, a dev evaluation at
+intervals, a JSON-lines log and a loss-curve PNG, Hugging Face checkpoints written atomically, and
+`resume` that restores model, optimizer, schedule, RNG and data position.
+
+What differs between the two stages is a *task* object:
+    lengths                       token length of each training item (for length-grouped batches)
+    count(indices) -> int         what a step's loss is averaged over (output tokens, or pairs)
+    loss(model, indices, total)   -> (loss of these items divided by `total`, metrics dict, tokens seen)
+    evaluate(model) -> dict       dev figures, e.g. {"dev_loss": ...}
+Averaging over the whole step's count, not per micro-batch, makes accumulation exact: k micro-batches
+give the same gradient as one batch k times larger.
+"""
+
+import json
+import math
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gr.checkpoint import replace_dir, write_model
+from gr.data import IGNORE, collate, length_grouped_batches
+from gr.losses import sft_loss
+from gr.plot import plot_curves
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    lr: float = 5e-5
+    epochs: int = 3
+    batch_size: int = 4  # items per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_every: int = 0  # steps between dev evaluations (0: at the end only)
+    save_every: int = 0  # steps between resume checkpoints (0: at the end only)
+    max_steps: int = 0  # stop (resumably) after this many steps; 0 trains all epochs
+    gradient_checkpointing: bool = False
+    device: str = "cpu"
+
+
+class SFTTask:
+    """R-SFT: tokenized examples (prompt masked); the loss is the NLL of output tokens."""
+
+    def __init__(self, examples, dev_examples, pad_id: int, eval_batch_size: int = 8):
+        self.examples, self.dev, self.pad_id, self.eval_batch_size = examples, dev_examples, pad_id, eval_batch_size
+        self.lengths = [len(e.input_ids) for e in examples]
+
+    def count(self, indices) -> int:
+        return sum(sum(label != IGNORE for label in self.examples[i].labels[1:]) for i in indices)
+
+    def loss(self, model, indices, total):
+        device = next(model.parameters()).device
+        batch = collate([self.examples[i] for i in indices], self.pad_id)
+        logits = model(batch["input_ids"].to(device))
+        tokens = sum(self.lengths[i] for i in indices)
+        return sft_loss(logits, batch["labels"].to(device), num_tokens=total), {}, tokens
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        if not self.dev:
+            return {}
+        device = next(model.parameters()).device
+        nll, count = 0.0, 0
+        for start in range(0, len(self.dev), self.eval_batch_size):
+            batch = collate(self.dev[start:start + self.eval_batch_size], self.pad_id)
+            labels = batch["labels"].to(device)
+            n = int((labels[:, 1:] != IGNORE).sum())
+            nll += sft_loss(model(batch["input_ids"].to(device)), labels).item() * n
+            count += n
+        return {"dev_loss": nll / count}
+
+
+def cosine_schedule(step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(model, task, cfg: TrainConfig, tokenizer_dir=None, resume: bool = False, desc: str = "train") -> tuple[list[dict], bool]:
+    """Train `model` on `task`; write the final model, train_log.jsonl and loss.png to cfg.out_dir.
+
+    A resume checkpoint (model + trainer_state.pt) is kept in out_dir/checkpoint while training runs and
+    removed once the final model is written. Returns the log rows and whether training finished (False
+    when it stopped at cfg.max_steps, resumable).
+    """
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint"
+    model.to(cfg.device).train()
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(length_grouped_batches(task.lengths, cfg.batch_size, cfg.seed)) / cfg.grad_accum)
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, total, warmup))
+    log_path = out / "train_log.jsonl"
+    step, log = 0, []
+    if resume:
+        step, log = _load_checkpoint(ckpt, model, optimizer, scheduler, cfg)
+    else:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+    log_path.write_text("".join(json.dumps(row) + "\n" for row in log))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(cfg.device).type == "cuda" else nullcontext()
+
+    epoch_batches = {}
+    bar = tqdm(total=total, initial=step, desc=desc, dynamic_ncols=True)
+    while step < total:
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch not in epoch_batches:
+            epoch_batches = {epoch: length_grouped_batches(task.lengths, cfg.batch_size, cfg.seed + epoch)}
+        micro = epoch_batches[epoch][k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
+        started = time.perf_counter()
+        counts = [task.count(b) for b in micro]
+        count = sum(counts)
+        loss_sum, tokens, metrics = 0.0, 0, {}
+        for indices, part in zip(micro, counts):
+            with autocast:
+                loss, m, n = task.loss(model, indices, count)
+            loss.backward()
+            loss_sum += loss.item()
+            tokens += n
+            for key, value in m.items():  # metrics are per micro-batch means; weight them by its share
+                metrics[key] = metrics.get(key, 0.0) + value * part / count
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seconds = time.perf_counter() - started
+        row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_sum, "lr": lr,
+               "grad_norm": grad_norm, "tokens_per_s": round(tokens / seconds, 1), **metrics}
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+            model.eval()
+            row.update(task.evaluate(model))
+            model.train()
+        log.append(row)
+        with log_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+        bar.update(1)
+        stop = cfg.max_steps and step >= cfg.max_steps and step < total
+        if stop or (cfg.save_every and step % cfg.save_every == 0 and step < total):
+            _save_checkpoint(ckpt, model, optimizer, scheduler, step, log, cfg, tokenizer_dir)
+        if stop:
+            bar.close()
+            print(f"stopped after step {step} of {total}; continue with --resume")
+            return log, False
+    bar.close()
+    model.eval()
+    model.save_pretrained(out, tokenizer_dir=tokenizer_dir)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    plot_loss(log, out / "loss.png")
+    return log, True
+
+
+def plot_loss(log: list[dict], path) -> None:
+    series = {"train": ([r["step"] for r in log], [r["loss"] for r in log])}
+    dev = [r for r in log if "dev_loss" in r]
+    if dev:
+        series["dev"] = ([r["step"] for r in dev], [r["dev_loss"] for r in dev])
+    plot_curves(path, series)
+
+
+def _save_checkpoint(ckpt: Path, model, optimizer, scheduler, step, log, cfg, tokenizer_dir) -> None:
+    tmp = ckpt.with_name(f".{ckpt.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_model(model, tmp, tokenizer_dir)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": _rng_state(), "log": log, "config": asdict(cfg)}
+    torch.save(state, tmp / "trainer_state.pt")
+    replace_dir(tmp, ckpt)
+
+
+def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, cfg):
+    from gr import GRError
+    from gr.checkpoint import load_model
+
+    if not (ckpt / "trainer_state.pt").exists():
+        raise GRError(f"nothing to resume: {ckpt} holds no checkpoint (start without --resume)")
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    saved = {k: v for k, v in state["config"].items() if k not in ("max_steps", "save_every", "eval_every", "device")}
+    now = {k: v for k, v in asdict(cfg).items() if k in saved}
+    if saved != now:
+        changed = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in saved if saved[k] != now[k])
+        raise GRError(f"the run in {ckpt.parent} was started with other settings ({changed}); resume with the same ones")
+    weights = load_model(type(model), ckpt, dtype=next(model.parameters()).dtype, device=cfg.device)
+    model.load_state_dict(weights.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state["step"], state["log"]
