@@ -6,6 +6,7 @@ emits a stop token leaves the batch, so the rest decode faster. Sampling draws o
 and step from that row's own generator, so a sample depends on its seed, never on its batch mates.
 """
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -112,27 +113,32 @@ def complete(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int = 0,
+    seeds: list[int] | None = None,
     progress: bool | str = False,
 ) -> list[list[Completion]]:
     """Generate for many prompt texts (BOS added as the tokenizer does): a list of n Completions each.
 
     Prompts are batched in order of length, which wastes the least compute on padding; the results
-    come back in input order. Prompt i is seeded by `seed + i` whatever its batch, so its samples do not
-    depend on the batch size or on which prompts share its batch.
+    come back in input order. Prompt i is seeded by `seeds[i]` (default `seed + i`) whatever its batch,
+    so its samples do not depend on the batch size or on which prompts share its batch.
     """
     encoded = [tokenizer.encode(p, bos=True) for p in prompts]
+    seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[list[Completion]] = [[] for _ in prompts]
     desc = progress if isinstance(progress, str) else "generating"
+    started, new_tokens = time.perf_counter(), 0
     with tqdm(total=len(prompts), desc=desc, disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             outs = generate(
                 model, [encoded[i] for i in chunk], max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids,
-                temperature=temperature, top_p=top_p, top_k=top_k, n=n, seed=[seed + i for i in chunk],
+                temperature=temperature, top_p=top_p, top_k=top_k, n=n, seed=[seeds[i] for i in chunk],
                 pad_id=tokenizer.pad_id,
             )
             for k, i in enumerate(chunk):
                 results[i] = [Completion(tokenizer.decode(o), o, len(encoded[i])) for o in outs[k * n:(k + 1) * n]]
+            new_tokens += sum(len(o) for o in outs)
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}", refresh=False)
             bar.update(len(chunk))
     return results
