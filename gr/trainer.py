@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from gr.checkpoint import replace_dir, write_model
 from gr.data import IGNORE, collate, length_grouped_batches
-from gr.losses import sft_loss
+from gr.losses import dpo_loss, sequence_logps, sft_loss
 from gr.plot import plot_curves
 
 
@@ -82,6 +82,67 @@ class SFTTask:
         return {"dev_loss": nll / count}
 
 
+class DPOTask:
+    """HS-DPO: preference pairs (chosen, rejected Examples, hardness weight) against a frozen reference.
+
+    The reference model's log-probabilities are computed once, before training, by `compute_reference`
+    (the R-SFT model is the policy's starting point, so no second model is held during training).
+    Chosen and rejected outputs of a micro-batch go through the policy in one concatenated forward.
+    """
+
+    def __init__(self, pairs, pad_id: int, beta: float, ftx: float, eval_pairs: int = 256, batch_size: int = 8):
+        self.pairs, self.pad_id, self.beta, self.ftx = pairs, pad_id, beta, ftx
+        self.eval_pairs, self.batch_size = eval_pairs, batch_size
+        self.lengths = [max(len(p["chosen"].input_ids), len(p["rejected"].input_ids)) for p in pairs]
+        self.ref = torch.zeros(len(pairs), 2)
+
+    def count(self, indices) -> int:
+        return len(indices)
+
+    def _logps(self, model, indices):
+        device = next(model.parameters()).device
+        batch = collate([self.pairs[i]["chosen"] for i in indices] + [self.pairs[i]["rejected"] for i in indices], self.pad_id)
+        logps, lengths = sequence_logps(model(batch["input_ids"].to(device)), batch["labels"].to(device))
+        n = len(indices)
+        return logps[:n], logps[n:], lengths[:n]
+
+    @torch.no_grad()
+    def compute_reference(self, model) -> None:
+        """log ref(y_w|x), log ref(y_l|x) of every pair, from the model before any update."""
+        with autocast_for(next(model.parameters()).device):
+            for start in tqdm(range(0, len(self.pairs), self.batch_size), desc="reference log-probs"):
+                indices = list(range(start, min(start + self.batch_size, len(self.pairs))))
+                chosen, rejected, _ = self._logps(model, indices)
+                self.ref[indices] = torch.stack([chosen, rejected], 1).float().cpu()
+
+    def loss(self, model, indices, total):
+        chosen, rejected, lengths = self._logps(model, indices)
+        ref = self.ref[indices].to(chosen.device)
+        weights = torch.tensor([self.pairs[i]["weight"] for i in indices], device=chosen.device)
+        loss, metrics = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta=self.beta, weights=weights,
+                                 ftx=self.ftx, chosen_lengths=lengths)
+        tokens = sum(len(self.pairs[i]["chosen"].input_ids) + len(self.pairs[i]["rejected"].input_ids) for i in indices)
+        return loss * len(indices) / total, metrics, tokens
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        """Reward accuracy and margin on (up to `eval_pairs` of) the mined pairs."""
+        indices = list(range(min(self.eval_pairs, len(self.pairs))))
+        margins = []
+        for start in range(0, len(indices), self.batch_size):
+            part = indices[start:start + self.batch_size]
+            chosen, rejected, _ = self._logps(model, part)
+            ref = self.ref[part].to(chosen.device)
+            margins.append(self.beta * ((chosen - ref[:, 0]) - (rejected - ref[:, 1])).float().cpu())
+        margins = torch.cat(margins)
+        return {"pairs_reward_accuracy": (margins > 0).float().mean().item(), "pairs_margin": margins.mean().item()}
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA (weights stay fp32 for the optimizer); plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
+
+
 def cosine_schedule(step: int, total: int, warmup: int) -> float:
     """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at `total` steps."""
     if step < warmup:
@@ -129,7 +190,7 @@ def train(model, task, cfg: TrainConfig, tokenizer_dir=None, resume: bool = Fals
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
     log_path.write_text("".join(json.dumps(row) + "\n" for row in log))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(cfg.device).type == "cuda" else nullcontext()
+    autocast = autocast_for(cfg.device)
 
     epoch_batches = {}
     bar = tqdm(total=total, initial=step, desc=desc, dynamic_ncols=True)
@@ -161,7 +222,8 @@ def train(model, task, cfg: TrainConfig, tokenizer_dir=None, resume: bool = Fals
                "grad_norm": grad_norm, "tokens_per_s": round(tokens / seconds, 1), **metrics}
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
             model.eval()
-            row.update(task.evaluate(model))
+            with autocast:
+                row.update(task.evaluate(model))
             model.train()
         log.append(row)
         with log_path.open("a") as f:

@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from gr.model import ModelConfig, Transformer
+from gr.prompts import INSTRUCTION, format_answers, format_input
+from gr.tokenizer import train_bpe
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SMOLLM2 = Path(os.environ.get("GR_SMOLLM2", Path.home() / ".cache/gr-fixtures/smollm2-135m-instruct"))
@@ -39,3 +43,17 @@ def smollm2() -> Path:
     if not (SMOLLM2 / ".complete").exists():
         pytest.skip(f"no SmolLM2 checkpoint at {SMOLLM2}: build it with ../shared/tools/make-smollm2 (CI does)")
     return SMOLLM2
+
+
+def tiny_guard(folder: Path) -> Path:
+    """A random 2-layer LLaMA with a 300-token byte-level BPE, saved as a Hugging Face folder."""
+    texts = [INSTRUCTION, format_input("How do I bake bread?", "Knead, rest, bake."),
+             format_answers("harmful", "refusal", "unharmful"), "naïve café 日本語"] * 3
+    tokenizer = train_bpe(texts, 300, folder / "tokenizer")
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_id, eos_token_id=[tokenizer.eos_id])
+    model = Transformer(config)
+    model.init_weights(seed=0)
+    model.save_pretrained(folder / "model", tokenizer_dir=folder / "tokenizer")
+    return folder / "model"

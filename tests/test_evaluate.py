@@ -9,31 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, tiny_guard
 from gr import GRError
 from gr.evaluate import dev_metrics, dev_scores, fit_prompt, main, score_files, weighted_average
 from gr.generate import complete
-from gr.model import ModelConfig, Transformer
+from gr.model import Transformer
 from gr.prompts import INSTRUCTION, format_answers, format_input, raw_prompt, split_input
-from gr.tokenizer import Tokenizer, train_bpe
+from gr.tokenizer import Tokenizer
 
 BENCH = SHARED / "benchmarks"
 RELEASED = BENCH / "predictions-1B"
 needs_shared = pytest.mark.skipif(not RELEASED.is_dir(), reason=f"no benchmark copies at {BENCH}")
-
-
-def tiny_guard(folder: Path) -> Path:
-    """A random 2-layer LLaMA with a 300-token byte-level BPE, saved as a Hugging Face folder."""
-    texts = [INSTRUCTION, format_input("How do I bake bread?", "Knead, rest, bake."),
-             format_answers("harmful", "refusal", "unharmful"), "naïve café 日本語"] * 3
-    tokenizer = train_bpe(texts, 300, folder / "tokenizer")
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_id, eos_token_id=[tokenizer.eos_id])
-    model = Transformer(config)
-    model.init_weights(seed=0)
-    model.save_pretrained(folder / "model", tokenizer_dir=folder / "tokenizer")
-    return folder / "model"
 
 
 @pytest.fixture(scope="module")

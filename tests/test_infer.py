@@ -13,7 +13,7 @@ from gr.generate import complete, generate
 from gr.model import Transformer
 from gr.prompts import raw_prompt
 from gr.tokenizer import Tokenizer
-from test_evaluate import tiny_guard
+from conftest import tiny_guard
 
 
 @pytest.fixture(scope="module")
