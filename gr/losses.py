@@ -10,17 +10,23 @@ import torch.nn.functional as F
 from gr.data import IGNORE
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(label_{t+1} | tokens <= t) for every position, and the mask of positions that count.
+def output_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions t whose next token labels[:, t+1] is learned (not IGNORE)."""
+    return F.pad(labels[:, 1:] != IGNORE, (0, 1), value=False)
 
-    logits (B, T, V), labels (B, T) -> logps (B, T-1) float32 (0 where masked), mask (B, T-1) bool.
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(label_{t+1} | tokens <= t) at every output position, and the (B, T) mask of those positions.
+
+    logits: (B, T, V) at every position, or (N, V) at the N output positions only, in row-major order
+    (what `model(ids, logits_at=output_positions(labels))` returns: it skips the vocabulary projection of
+    prompt and padding tokens). labels (B, T) -> logps (N,) float32, mask (B, T) bool.
     """
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
-    logps = -F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten().clamp(min=0), reduction="none"
-    ).view(targets.shape)
-    return logps * mask, mask
+    mask = output_positions(labels)
+    targets = labels[:, 1:][mask[:, :-1]]
+    if logits.dim() == 3:
+        logits = logits[mask]
+    return -F.cross_entropy(logits.float(), targets, reduction="none"), mask
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
@@ -31,19 +37,21 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: int | None 
     N is the number of counted tokens in this batch, or `num_tokens` when the batch is one part of a
     larger step (gradient accumulation, several ranks): then the parts' losses add up to the mean over
     the whole step, as if it were one batch. Prompt and padding tokens add nothing and get no gradient.
-    logits (B, T, V), labels (B, T) -> scalar.
+    logits (B, T, V) or (N, V) at the output positions (see token_logps), labels (B, T) -> scalar.
     """
-    logps, mask = token_logps(logits, labels)
-    return -logps.sum() / (mask.sum() if num_tokens is None else num_tokens)
+    logps, _ = token_logps(logits, labels)
+    return -logps.sum() / (len(logps) if num_tokens is None else num_tokens)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(y | x) = the sum of the output tokens' log-probabilities, and the output lengths |y|.
 
-    logits (B, T, V), labels (B, T) -> logps (B,) float32, lengths (B,) float32.
+    logits (B, T, V) or (N, V) at the output positions (see token_logps), labels (B, T)
+    -> logps (B,) float32, lengths (B,) float32.
     """
     logps, mask = token_logps(logits, labels)
-    return logps.sum(-1), mask.sum(-1).float()
+    rows = mask.nonzero()[:, 0]
+    return torch.zeros(len(labels), device=logps.device).index_add(0, rows, logps), mask.sum(1).float()
 
 
 def dpo_loss(

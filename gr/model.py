@@ -136,6 +136,7 @@ class KVCache:
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
+        self.padded = False  # any padding cached: attention then needs an explicit mask
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (in this order): drops finished rows, or repeats rows for n samples."""
@@ -251,8 +252,11 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
+        """input_ids (B, T) -> logits (B, T, vocab); (B, 1, vocab) with `last_only`; with `logits_at`, a
+        (B, T) bool mask, only the logits at those positions, as (N, vocab) in row-major order (training
+        needs them at output tokens only, and the vocabulary projection is the largest activation).
 
         attention_mask (B, T) marks real tokens (1) and left padding (0); without it every token is real
         and attention is plainly causal, which is also right for right-padded training batches (a real
@@ -269,8 +273,13 @@ class Transformer(nn.Module):
             pos = pos + cache.next_pos[:, None]
             cache.valid[:, start:start + T] = real
             cache.next_pos += real.sum(1)
+        # Without padding, SDPA's own causal rule is exact and fastest: no mask to build or apply.
+        padded = attention_mask is not None and not bool(real.all())
+        if cache is not None:
+            cache.padded |= padded
+            padded = cache.padded or (start > 0 and T > 1)
         mask = None
-        if cache is not None or attention_mask is not None:
+        if padded:
             keys = cache.valid[:, :start + T] if cache is not None else real
             q_idx = torch.arange(start, start + T, device=dev)[:, None]
             k_idx = torch.arange(start + T, device=dev)[None, :]
@@ -290,4 +299,6 @@ class Transformer(nn.Module):
             cache.length += T
         if last_only:
             h = h[:, -1:]
+        elif logits_at is not None:
+            h = h[logits_at]
         return self.lm_head(self.model.norm(h))

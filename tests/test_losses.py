@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gr.data import IGNORE
-from gr.losses import dpo_loss, sequence_logps, sft_loss
+from gr.losses import dpo_loss, output_positions, sequence_logps, sft_loss
 
 
 def tiny_batch():
@@ -142,3 +142,23 @@ def test_gradients_raise_chosen_and_lower_rejected():
     loss.backward()
     assert torch.all(pc.grad < 0)  # descending the loss raises log pi(chosen)
     assert torch.all(pr.grad > 0)  # and lowers log pi(rejected)
+
+
+def test_logits_at_output_positions_only_give_the_same_losses():
+    """The model can skip the vocabulary projection of prompt and padding: same loss, same log-probs."""
+    from gr.model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2))
+    model.init_weights(seed=0)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 40, (3, 9), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = IGNORE
+    labels[0, 7:] = IGNORE
+    mask = output_positions(labels)
+    assert mask.sum().item() == int((labels[:, 1:] != IGNORE).sum())
+    full, some = model(ids), model(ids, logits_at=mask)
+    assert some.shape == (mask.sum().item(), 40) and torch.allclose(full[mask], some, atol=1e-6)
+    assert sft_loss(some, labels).item() == pytest.approx(sft_loss(full, labels).item(), abs=1e-6)
+    assert torch.allclose(sequence_logps(some, labels)[0], sequence_logps(full, labels)[0], atol=1e-5)
