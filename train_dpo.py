@@ -3,6 +3,7 @@
     python train_dpo.py                  # mine out/sft on the shipped data, then HS-DPO on the CPU
     python train_dpo.py --left-out aegis=out/sft-no-aegis --left-out wildguard=out/sft-no-wildguard
     python train_dpo.py --preset paper   # the authors' settings on GPU, from out/sft-paper
+    torchrun --nproc_per_node=4 train_dpo.py --preset paper --batch-size 4 --grad-accum 64   # 4 GPUs, FSDP2
 
 The R-SFT model samples k outputs per training row; rows where those outputs disagree become preference
 pairs (longest right vs longest wrong output), weighted by how hard they were; then DPO trains the model
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from gr import GRError
+from gr import GRError, distributed
 from gr.checkpoint import resolve
 from gr.data import SOURCES, encode_sft, load_data
 from gr.mining import load_hard_samples, merge_ensemble, mine, sample_outputs, save_hard_samples, summarize
@@ -57,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--ftx", type=float, help="weight of the SFT term on the chosen output")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--epochs", type=int, help="passes over the pairs")
-    p.add_argument("--batch-size", type=int, help="pairs per micro-batch")
+    p.add_argument("--batch-size", type=int, help="pairs per micro-batch (under torchrun: over all ranks together)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--cutoff", type=int, help="longest prompt + output in tokens")
     p.add_argument("--template", choices=["raw", "llama3"], help="prompt format, as the R-SFT model was trained")
@@ -111,7 +112,7 @@ def mine_with(folder, rows, args, out: Path, label: str):
 
 
 def dev_report(model, tok, args) -> dict | None:
-    if args.no_report:
+    if args.no_report or not distributed.is_main():  # under torchrun rank 0 reports; the others wait for it
         return None
     from gr.evaluate import dev_metrics
 
@@ -123,6 +124,7 @@ def dev_report(model, tok, args) -> dict | None:
 
 def main(argv=None):
     args = parse_args(argv)
+    args.device = distributed.init(args.device)
     started = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,8 @@ def main(argv=None):
     rows = None  # not known when the hard samples were mined before
     if args.hard_samples:
         hard = load_hard_samples(args.hard_samples)
-        save_hard_samples(hard, previous)
+        if distributed.is_main():
+            save_hard_samples(hard, previous)
     elif args.resume and previous.exists():
         hard = load_hard_samples(previous)
     else:
@@ -140,9 +143,11 @@ def main(argv=None):
         if args.left_out:
             extra = {s: mine_with(m, [r for r in rows if r.get("source") == s], args, out, f"no-{s}") for s, m in args.left_out.items()}
             hard = merge_ensemble(hard, extra)
-        save_hard_samples(hard, previous)
+        if distributed.is_main():  # under torchrun every rank read all ranks' samples and found the same
+            save_hard_samples(hard, previous)
     summary = summarize(None if rows is None else len(rows), hard)
-    (out / "mining_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if distributed.is_main():
+        (out / "mining_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{'mined ' + str(len(rows)) + ' rows' if rows else 'mined before'}: {summary['hard_samples']} hard samples; "
           f"per task {summary['per_task']}; per source {summary['per_source']}; weights {summary['weight_histogram']}")
     if not hard:
@@ -166,8 +171,10 @@ def main(argv=None):
                       gradient_checkpointing=args.gradient_checkpointing, device=args.device)
     print(f"HS-DPO on {len(pairs)} pairs: beta {args.beta}, ftx {args.ftx}, lr {args.lr}, {args.epochs} epochs")
     log, finished = train(model, task, cfg, tokenizer_dir=folder, resume=args.resume, desc="HS-DPO")
-    if not finished:
+    if not finished or not distributed.is_main():
         return
+    if distributed.active():  # the trained weights are sharded over the ranks; the saved model is whole
+        model = Transformer.from_pretrained(out, device=args.device)
     print("\nreward accuracy / margin on the mined pairs during training:")
     for row in (r for r in log if "pairs_reward_accuracy" in r):
         print(f"  step {row['step']:4d}: accuracy {row['pairs_reward_accuracy']:.3f}, margin {row['pairs_margin']:+.4f}")

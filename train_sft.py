@@ -3,6 +3,7 @@
     python train_sft.py                      # the embedded default: a small LLaMA from scratch, CPU, minutes
     python train_sft.py --model HuggingFaceTB/SmolLM2-135M-Instruct --max-steps 20
     python train_sft.py --preset paper       # the authors' recipe: Llama-3.2-1B on GuardReasonerTrain, GPU
+    torchrun --nproc_per_node=4 train_sft.py --preset paper --batch-size 24 --grad-accum 16   # 4 GPUs, FSDP2
 
 The default trains a byte-level BPE tokenizer and a 4-layer LLaMA on the dataset shipped in data/, then
 prints the dev loss, how many dev outputs end in a full Answers block, and the dev accuracy per task.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gr import GRError
+from gr import GRError, distributed
 from gr.checkpoint import resolve
 from gr.data import SOURCES, encode_rows, load_data
 from gr.model import ModelConfig, Transformer
@@ -50,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output folder (default: out/sft, or out/sft-no-SOURCE)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3 from scratch, 5e-5 fine-tuning)")
     p.add_argument("--epochs", type=int, help="passes over the training data")
-    p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch (under torchrun: over all ranks together)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--warmup-ratio", type=float, help="share of steps with linear warmup")
     p.add_argument("--cutoff", type=int, help="longest sequence in tokens; longer ones are cut (and counted)")
@@ -99,10 +100,10 @@ def build_model(args, rows, out: Path):
     if args.model:
         folder = resolve(args.model)
         return Transformer.from_pretrained(folder, dtype=torch.float32, device=args.device), Tokenizer.from_pretrained(folder), folder
-    if args.resume:
-        tok = Tokenizer.from_pretrained(out)
-    else:
-        tok = train_bpe((r["instruction"] + "\n" + r["input"] + r["output"] for r in rows), SCRATCH_VOCAB, out)
+    if not args.resume and distributed.is_main():
+        train_bpe((r["instruction"] + "\n" + r["input"] + r["output"] for r in rows), SCRATCH_VOCAB, out)
+    distributed.barrier()  # under torchrun the other ranks read the tokenizer rank 0 wrote
+    tok = Tokenizer.from_pretrained(out)
     cfg = ModelConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.stop_ids,
                       pad_token_id=tok.pad_id, **SCRATCH_MODEL)
     model = Transformer(cfg)
@@ -130,6 +131,7 @@ def report(model, tok, dev, log, args, seconds):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.device = distributed.init(args.device)
     started = time.time()
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -150,8 +152,11 @@ def main(argv=None):
                       gradient_checkpointing=args.gradient_checkpointing, device=args.device)
     task = SFTTask(examples, dev_examples, tok.pad_id)
     log, finished = train(model, task, cfg, tokenizer_dir=tokenizer_dir, resume=args.resume, desc="R-SFT")
-    if finished:
-        report(model, tok, dev, log, args, time.time() - started)
+    if not finished or not distributed.is_main():
+        return
+    if distributed.active():  # the trained weights are sharded over the ranks; the saved model is whole
+        model = Transformer.from_pretrained(out, device=args.device)
+    report(model, tok, dev, log, args, time.time() - started)
 
 
 if __name__ == "__main__":

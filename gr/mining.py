@@ -10,15 +10,17 @@
 6. Ensemble: models trained with one source left out mine the rows of that source (which they never
    saw); their hard samples join the main model's, de-duplicated by input, weights recomputed.
 Generations are cached per model (JSON lines, one row per line), so an interrupted run resumes.
+Under torchrun the ranks sample different chunks of rows and every rank reads all of them back.
 """
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gr import GRError
+from gr import GRError, distributed
 from gr.generate import complete
 from gr.prompts import parse_answers, split_input
 
@@ -67,39 +69,64 @@ def sample_outputs(model, tokenizer, rows: list[dict], cache_path, *, k: int = 4
 
     A cached line counts only for the same row input (a hash of it is kept); the caller names the cache
     after the model and the sampling settings.
-    Row i is seeded by seed + i, so a resumed run, or rows split over several processes, draw exactly
-    the outputs a single uninterrupted run would.
+    Row i is seeded by seed + i, so a resumed run draws exactly the outputs a single uninterrupted run
+    would. Under torchrun rank r samples every world-th chunk of `chunk` rows, so each chunk is batched
+    just as in a single process, and the outputs are identical, not only equal in distribution. Rank
+    r > 0 writes its own file beside the cache (lines of several writers would interleave); all of them
+    count as the cache.
     """
     cache_path = Path(cache_path)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     keys = [hashlib.sha256(r["input"].encode()).hexdigest()[:16] for r in rows]
-    done, text = {}, cache_path.read_text() if cache_path.exists() else ""
-    if text:
+    done = _read_cache(cache_path, keys, k)
+    todo = [i for i in range(len(rows)) if i not in done]
+    if todo:
+        print(f"{progress}: {len(done)} rows cached in {cache_path}, {len(todo)} to sample ({k} outputs each)")
+    distributed.barrier()  # every rank has read the cache before any rank adds to it: all see the same todo
+    own = cache_path if distributed.is_main() else cache_path.with_name(f"{cache_path.name}.rank{distributed.rank()}")
+    unfinished = _ends_unfinished(own)
+    with own.open("a") as f:
+        if unfinished:
+            f.write("\n")  # end the line a killed run left unfinished
+        for start in distributed.share(range(0, len(todo), chunk)):
+            part = todo[start:start + chunk]
+            prompts = [rows[i]["instruction"] + "\n" + rows[i]["input"] for i in part]
+            outs = complete(model, tokenizer, prompts, batch_size=batch_size, n=k, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, seeds=[seed + i for i in part],
+                            progress=f"{progress} {start + len(part)}/{len(todo)}" if distributed.is_main() else False)
+            for i, samples in zip(part, outs):
+                done[i] = [c.text for c in samples]
+                f.write(json.dumps({"index": i, "input": keys[i], "outputs": done[i]}) + "\n")
+            f.flush()
+    distributed.barrier()  # every rank's rows are written
+    if len(done) < len(rows):  # under torchrun: the other ranks sampled the rest
+        done = _read_cache(cache_path, keys, k)
+    return [done[i] for i in range(len(rows))]
+
+
+def _read_cache(cache_path: Path, keys: list[str], k: int) -> dict[int, list[str]]:
+    """Cached outputs by row index: the cache file and the files of other torchrun ranks beside it."""
+    done = {}
+    for path in [cache_path, *sorted(cache_path.parent.glob(f"{cache_path.name}.rank*"))]:
+        text = path.read_text() if path.exists() else ""
         for line in text.splitlines():
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short when the last run was killed
             i = entry["index"]
-            if i < len(rows) and entry["input"] == keys[i] and len(entry["outputs"]) == k:
+            if i < len(keys) and entry["input"] == keys[i] and len(entry["outputs"]) == k:
                 done[i] = entry["outputs"]
-    todo = [i for i in range(len(rows)) if i not in done]
-    if todo:
-        print(f"{progress}: {len(done)} rows cached in {cache_path}, {len(todo)} to sample ({k} outputs each)")
-    with cache_path.open("a") as f:
-        if text and not text.endswith("\n"):
-            f.write("\n")  # end the line a killed run left unfinished
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
-            prompts = [rows[i]["instruction"] + "\n" + rows[i]["input"] for i in part]
-            outs = complete(model, tokenizer, prompts, batch_size=batch_size, n=k, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, seeds=[seed + i for i in part],
-                            progress=f"{progress} {start + len(part)}/{len(todo)}")
-            for i, samples in zip(part, outs):
-                done[i] = [c.text for c in samples]
-                f.write(json.dumps({"index": i, "input": keys[i], "outputs": done[i]}) + "\n")
-            f.flush()
-    return [done[i] for i in range(len(rows))]
+    return done
+
+
+def _ends_unfinished(path: Path) -> bool:
+    """Whether the file's last line was cut short (a killed run)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def mine(rows: list[dict], outputs: list[list[str]]) -> list[HardSample]:

@@ -11,7 +11,9 @@ What differs between the two stages is a *task* object:
     loss(model, indices, total)   -> (loss of these items divided by `total`, metrics dict, tokens seen)
     evaluate(model) -> dict       dev figures, e.g. {"dev_loss": ...}
 Averaging over the whole step's count, not per micro-batch, makes accumulation exact: k micro-batches
-give the same gradient as one batch k times larger.
+give the same gradient as one batch k times larger. The same holds for ranks under torchrun: the calls
+into gr.distributed (prepare, share, sum_over_ranks, full_model, ...) are all it takes; each is the
+identity in a single process.
 """
 
 import json
@@ -26,9 +28,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from gr import distributed
 from gr.checkpoint import replace_dir, write_model
 from gr.data import IGNORE, collate, length_grouped_batches
-from gr.losses import dpo_loss, sequence_logps, sft_loss
+from gr.losses import dpo_loss, output_positions, sequence_logps, sft_loss
 from gr.plot import plot_curves
 
 
@@ -37,7 +40,7 @@ class TrainConfig:
     out_dir: str
     lr: float = 5e-5
     epochs: int = 3
-    batch_size: int = 4  # items per micro-batch
+    batch_size: int = 4  # items per micro-batch (under torchrun: over all ranks, each takes its share)
     grad_accum: int = 1  # micro-batches per optimizer step
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
@@ -63,9 +66,10 @@ class SFTTask:
     def loss(self, model, indices, total):
         device = next(model.parameters()).device
         batch = collate([self.examples[i] for i in indices], self.pad_id)
-        logits = model(batch["input_ids"].to(device))
+        labels = batch["labels"].to(device)
+        logits = model(batch["input_ids"].to(device), logits_at=output_positions(labels))
         tokens = sum(self.lengths[i] for i in indices)
-        return sft_loss(logits, batch["labels"].to(device), num_tokens=total), {}, tokens
+        return sft_loss(logits, labels, num_tokens=total), {}, tokens
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
@@ -77,7 +81,8 @@ class SFTTask:
             batch = collate(self.dev[start:start + self.eval_batch_size], self.pad_id)
             labels = batch["labels"].to(device)
             n = int((labels[:, 1:] != IGNORE).sum())
-            nll += sft_loss(model(batch["input_ids"].to(device)), labels).item() * n
+            logits = model(batch["input_ids"].to(device), logits_at=output_positions(labels))
+            nll += sft_loss(logits, labels).item() * n
             count += n
         return {"dev_loss": nll / count}
 
@@ -102,18 +107,25 @@ class DPOTask:
     def _logps(self, model, indices):
         device = next(model.parameters()).device
         batch = collate([self.pairs[i]["chosen"] for i in indices] + [self.pairs[i]["rejected"] for i in indices], self.pad_id)
-        logps, lengths = sequence_logps(model(batch["input_ids"].to(device)), batch["labels"].to(device))
+        labels = batch["labels"].to(device)
+        logps, lengths = sequence_logps(model(batch["input_ids"].to(device), logits_at=output_positions(labels)), labels)
         n = len(indices)
         return logps[:n], logps[n:], lengths[:n]
 
     @torch.no_grad()
     def compute_reference(self, model) -> None:
-        """log ref(y_w|x), log ref(y_l|x) of every pair, from the model before any update."""
+        """log ref(y_w|x), log ref(y_l|x) of every pair, from the model before any update.
+
+        Under torchrun each rank computes every world-th batch (the same batches as a single process) and
+        the ranks sum their tables, in which each row was filled by one rank and is zero elsewhere.
+        """
+        starts = distributed.share(range(0, len(self.pairs), self.batch_size))
         with autocast_for(next(model.parameters()).device):
-            for start in tqdm(range(0, len(self.pairs), self.batch_size), desc="reference log-probs"):
+            for start in tqdm(starts, desc="reference log-probs", disable=not distributed.is_main()):
                 indices = list(range(start, min(start + self.batch_size, len(self.pairs))))
                 chosen, rejected, _ = self._logps(model, indices)
                 self.ref[indices] = torch.stack([chosen, rejected], 1).float().cpu()
+        self.ref = distributed.all_sum(self.ref)
 
     def loss(self, model, indices, total):
         chosen, rejected, lengths = self._logps(model, indices)
@@ -170,12 +182,14 @@ def train(model, task, cfg: TrainConfig, tokenizer_dir=None, resume: bool = Fals
 
     A resume checkpoint (model + trainer_state.pt) is kept in out_dir/checkpoint while training runs and
     removed once the final model is written. Returns the log rows and whether training finished (False
-    when it stopped at cfg.max_steps, resumable).
+    when it stopped at cfg.max_steps, resumable). Under torchrun `model` is sharded in place and every
+    rank gets the same log; rank 0 writes the files.
     """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
-    model.to(cfg.device).train()
+    model = distributed.prepare(model, cfg.device)
+    model.train()
     model.gradient_checkpointing = cfg.gradient_checkpointing
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(length_grouped_batches(task.lengths, cfg.batch_size, cfg.seed)) / cfg.grad_accum)
@@ -189,28 +203,36 @@ def train(model, task, cfg: TrainConfig, tokenizer_dir=None, resume: bool = Fals
     else:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-    log_path.write_text("".join(json.dumps(row) + "\n" for row in log))
+    if distributed.is_main():
+        log_path.write_text("".join(json.dumps(row) + "\n" for row in log))
     autocast = autocast_for(cfg.device)
 
     epoch_batches = {}
-    bar = tqdm(total=total, initial=step, desc=desc, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=desc, dynamic_ncols=True, disable=not distributed.is_main())
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
         if epoch not in epoch_batches:
             epoch_batches = {epoch: length_grouped_batches(task.lengths, cfg.batch_size, cfg.seed + epoch)}
         micro = epoch_batches[epoch][k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
         started = time.perf_counter()
-        counts = [task.count(b) for b in micro]
-        count = sum(counts)
+        count = sum(task.count(b) for b in micro)
         loss_sum, tokens, metrics = 0.0, 0, {}
-        for indices, part in zip(micro, counts):
+        for indices in micro:
+            mine = distributed.share(indices)  # this rank's items: all of them in a single process
             with autocast:
-                loss, m, n = task.loss(model, indices, count)
+                # A rank left without items (a micro-batch smaller than the number of ranks) runs one
+                # with zero weight, so that its FSDP collectives stay in step with the other ranks'.
+                loss, m, n = task.loss(model, mine or indices[:1], count)
+            if not mine:
+                loss, n = loss * 0, 0
             loss.backward()
             loss_sum += loss.item()
             tokens += n
+            part = task.count(mine)
             for key, value in m.items():  # metrics are per micro-batch means; weight them by its share
                 metrics[key] = metrics.get(key, 0.0) + value * part / count
+        loss_sum, tokens, *values = distributed.sum_over_ranks(loss_sum, tokens, *metrics.values())
+        metrics = dict(zip(metrics, values))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -226,8 +248,9 @@ def train(model, task, cfg: TrainConfig, tokenizer_dir=None, resume: bool = Fals
                 row.update(task.evaluate(model))
             model.train()
         log.append(row)
-        with log_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if distributed.is_main():
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
         bar.update(1)
         stop = cfg.max_steps and step >= cfg.max_steps and step < total
@@ -239,9 +262,12 @@ def train(model, task, cfg: TrainConfig, tokenizer_dir=None, resume: bool = Fals
             return log, False
     bar.close()
     model.eval()
-    model.save_pretrained(out, tokenizer_dir=tokenizer_dir)
-    shutil.rmtree(ckpt, ignore_errors=True)
-    plot_loss(log, out / "loss.png")
+    whole = distributed.full_model(model)  # `model` itself in a single process
+    if distributed.is_main():
+        whole.save_pretrained(out, tokenizer_dir=tokenizer_dir)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        plot_loss(log, out / "loss.png")
+    distributed.barrier()  # the files are written when train() returns, on every rank
     return log, True
 
 
@@ -254,30 +280,40 @@ def plot_loss(log: list[dict], path) -> None:
 
 
 def _save_checkpoint(ckpt: Path, model, optimizer, scheduler, step, log, cfg, tokenizer_dir) -> None:
-    tmp = ckpt.with_name(f".{ckpt.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_model(model, tmp, tokenizer_dir)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": _rng_state(), "log": log, "config": asdict(cfg)}
-    torch.save(state, tmp / "trainer_state.pt")
-    replace_dir(tmp, ckpt)
+    # Under torchrun every rank sends its shards; rank 0 writes the whole model and optimizer state, in
+    # the single-process format, so that any number of ranks can resume.
+    whole, optimizer_state = distributed.full_model(model), distributed.full_optimizer_state(model, optimizer)
+    if distributed.is_main():
+        tmp = ckpt.with_name(f".{ckpt.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_model(whole, tmp, tokenizer_dir)
+        state = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                 "rng": _rng_state(), "log": log, "config": asdict(cfg)}
+        torch.save(state, tmp / "trainer_state.pt")
+        replace_dir(tmp, ckpt)
+    distributed.barrier()
 
 
 def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, cfg):
     from gr import GRError
     from gr.checkpoint import load_model
+    from gr.model import Transformer
 
     if not (ckpt / "trainer_state.pt").exists():
         raise GRError(f"nothing to resume: {ckpt} holds no checkpoint (start without --resume)")
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    # Onto the CPU (optimizer.load_state_dict moves the state to the parameters), so that under torchrun a
+    # state saved on one GPU does not land on every rank's GPU 0; there every rank reads the file but only
+    # rank 0 uses the optimizer state, so it is mapped rather than read.
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=distributed.active())
     saved = {k: v for k, v in state["config"].items() if k not in ("max_steps", "save_every", "eval_every", "device")}
     now = {k: v for k, v in asdict(cfg).items() if k in saved}
     if saved != now:
         changed = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in saved if saved[k] != now[k])
         raise GRError(f"the run in {ckpt.parent} was started with other settings ({changed}); resume with the same ones")
-    weights = load_model(type(model), ckpt, dtype=next(model.parameters()).dtype, device=cfg.device)
-    model.load_state_dict(weights.state_dict())
-    optimizer.load_state_dict(state["optimizer"])
+    weights = {}
+    if distributed.is_main():  # under torchrun rank 0 reads the weights and sends the other ranks their shards
+        weights = load_model(Transformer, ckpt, dtype=next(model.parameters()).dtype, device=cfg.device).state_dict()
+    distributed.load_full_state(model, optimizer, weights, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return state["step"], state["log"]
