@@ -10,16 +10,18 @@ runs, ours and transformers' taken in turn so that both see the same machine loa
 import argparse
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from gr.generate import generate
-from gr.model import Transformer
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gr.generate import generate  # noqa: E402
+from gr.model import Transformer  # noqa: E402
 
 
 def default_model() -> str:

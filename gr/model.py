@@ -165,7 +165,8 @@ class Attention(nn.Module):
             end = cache.length + T
             cache.k[self.layer][:, :, cache.length:end] = k
             cache.v[self.layer][:, :, cache.length:end] = v
-            k, v = cache.k[self.layer][:, :, :end], cache.v[self.layer][:, :, :end]
+            if cache.length:  # else the new keys are all the keys: attend to them, not to a copy
+                k, v = cache.k[self.layer][:, :, :end], cache.v[self.layer][:, :, :end]
         # Grouped-query attention: each key/value head serves n_heads / n_kv query heads.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv != self.n_heads
