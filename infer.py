@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from gr import GRError
-from gr.evaluate import DTYPES, fit_prompt, load_guard
+from gr.evaluate import DTYPES, fit_prompt, load_guard, prompt_budget
 from gr.generate import complete, generate
 from gr.prompts import TASKS, parse_answers
 
@@ -59,10 +59,11 @@ def read_requests(path: str) -> list[tuple[int, str, str | None]]:
 def fit(tokenizer, model, prompt, response, max_new_tokens, where: str = "") -> str:
     """The raw prompt, its user text cut (with a warning) when it would not fit the model's context."""
     context = model.config.max_position_embeddings
-    text, cut = fit_prompt(tokenizer, prompt, response, context - max_new_tokens)
+    budget = prompt_budget(context, max_new_tokens)
+    text, cut = fit_prompt(tokenizer, prompt, response, budget)
     if cut:
-        print(f"warning: {where}the input is longer than the model's context of {context} tokens leaves with "
-              f"{max_new_tokens} new tokens; cut {cut} tokens off the end of the user's text", file=sys.stderr)
+        print(f"warning: {where}the input is longer than the {budget} tokens the model's context of {context} "
+              f"leaves for it; cut {cut} tokens off the end of the user's text", file=sys.stderr)
     return text
 
 

@@ -206,6 +206,12 @@ def load_guard(path_or_id: str, device: str = "cpu", dtype: str = "float32"):
     return Transformer.from_pretrained(folder, dtype=DTYPES[dtype], device=device), Tokenizer.from_pretrained(folder)
 
 
+def prompt_budget(context: int, max_new_tokens: int) -> int:
+    """Tokens a prompt may take: the model's context less the room kept for the output, which is
+    max_new_tokens but at most half the context (a guard's reasoning is rarely longer than its input)."""
+    return context - min(max_new_tokens, context // 2)
+
+
 def fit_prompt(tokenizer, prompt: str, response: str | None, budget: int,
                instruction: str = INSTRUCTION) -> tuple[str, int]:
     """The raw prompt in at most `budget` tokens (BOS included), and how many tokens were cut to fit.
@@ -241,7 +247,7 @@ def run_benchmarks(model, tokenizer, names, out_dir, *, benchmark_dir=None, limi
     """Greedy outputs for each benchmark's rows, written to out_dir/<Benchmark>.jsonl, then scored."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    budget = model.config.max_position_embeddings - max_new_tokens
+    budget = prompt_budget(model.config.max_position_embeddings, max_new_tokens)
     benchmarks = {name: load_benchmark(name, benchmark_dir)[:limit] for name in names}  # fail before generating
     results = {}
     for name, rows in benchmarks.items():

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, SHARED, tiny_guard
 from gr import GRError
-from gr.evaluate import dev_metrics, dev_scores, fit_prompt, main, score_files, weighted_average
+from gr.evaluate import dev_metrics, dev_scores, fit_prompt, main, prompt_budget, score_files, weighted_average
 from gr.generate import complete
 from gr.model import Transformer
 from gr.prompts import INSTRUCTION, format_answers, format_input, raw_prompt, split_input
@@ -240,3 +240,9 @@ def test_dev_metrics_generates_greedily_and_restores_training_mode(guard):
     assert metrics["accuracy"] == {"request": 0.0, "completion": None, "response": None}
     with pytest.raises(ValueError, match="not on meta"):
         dev_metrics(model, tok, rows, device="meta")
+
+
+def test_prompt_budget_keeps_room_for_the_output():
+    assert prompt_budget(131072, 2048) == 129024  # Llama 3: the paper's 2048 new tokens
+    assert prompt_budget(2048, 2048) == 1024  # a short context: the output gets at most half
+    assert prompt_budget(512, 8) == 504

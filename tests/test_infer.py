@@ -90,8 +90,8 @@ def test_long_input_is_cut_with_a_warning_and_the_framing_kept(guard, tmp_path):
     cut = len(tok.encode(raw_prompt(long))) - kept
     assert kept <= 512 - 8 and cut > 0
     warning = [line for line in err.splitlines() if line.startswith("warning")]
-    assert warning == [f"warning: {tmp_path / 'in.jsonl'}: line 2: the input is longer than the model's context of "
-                       f"512 tokens leaves with 8 new tokens; cut {cut} tokens off the end of the user's text"]
+    assert warning == [f"warning: {tmp_path / 'in.jsonl'}: line 2: the input is longer than the 504 tokens the model's "
+                       f"context of 512 leaves for it; cut {cut} tokens off the end of the user's text"]
 
 
 @pytest.mark.parametrize("case", ["empty prompt", "missing file", "a folder", "not JSON", "no prompt", "empty response"])
