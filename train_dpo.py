@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from gr import GRError, distributed
 from gr.checkpoint import resolve
@@ -25,7 +24,7 @@ from gr.data import SOURCES, encode_sft, load_data
 from gr.mining import load_hard_samples, merge_ensemble, mine, sample_outputs, save_hard_samples, summarize
 from gr.model import Transformer
 from gr.tokenizer import Tokenizer
-from gr.trainer import DPOTask, TrainConfig, train
+from gr.trainer import DPOTask, TrainConfig, add_training_args, apply_preset, train
 
 PRESETS = {
     # The small CPU run: mine the default R-SFT model, then a few epochs of HS-DPO.
@@ -42,13 +41,12 @@ PRESETS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Hard-sample mining, then HS-DPO.")
-    p.add_argument("--preset", choices=PRESETS, default="default", help="settings to start from (default: the small CPU run)")
+    add_training_args(p, "pairs")
     p.add_argument("--sft", help="the R-SFT model: policy start, reference and miner (default: out/sft)")
     p.add_argument("--left-out", action="append", default=[], metavar="SOURCE=MODEL",
                    help="a model trained without SOURCE; it mines that source's rows (repeatable; section 5's ensemble)")
     p.add_argument("--data", help="training rows to mine: shipped, guardreasoner or a local file")
     p.add_argument("--hard-samples", help="a hard_samples.jsonl mined before: skip mining and train on it")
-    p.add_argument("--out", help="output folder (model, hard_samples.jsonl, mining_summary.json, mining cache)")
     p.add_argument("--k", type=int, default=4, help="outputs sampled per row")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for mining")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass for mining")
@@ -56,27 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--mine-batch-size", type=int, default=16, help="prompts per generation batch (x k samples)")
     p.add_argument("--beta", type=float, help="DPO temperature beta")
     p.add_argument("--ftx", type=float, help="weight of the SFT term on the chosen output")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--epochs", type=int, help="passes over the pairs")
-    p.add_argument("--batch-size", type=int, help="pairs per micro-batch (under torchrun: over all ranks together)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    p.add_argument("--cutoff", type=int, help="longest prompt + output in tokens")
-    p.add_argument("--template", choices=["raw", "llama3"], help="prompt format, as the R-SFT model was trained")
-    p.add_argument("--device", help="cpu or cuda")
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute activations to save memory")
     p.add_argument("--eval-every", type=int, default=10, help="steps between reward checks on the mined pairs")
-    p.add_argument("--save-every", type=int, default=0, help="steps between resume checkpoints (0: at the end)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (continue with --resume)")
-    p.add_argument("--resume", action="store_true", help="continue the HS-DPO run in --out")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling and data order")
-    p.add_argument("--report-max-new-tokens", type=int, default=512, help="tokens per dev input in the before/after report")
-    p.add_argument("--no-report", action="store_true", help="skip the dev generation report before and after")
     args = p.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise GRError("CUDA is not available here: pass --device cpu (or run on a GPU machine)")
+    apply_preset(args, PRESETS)
     args.left_out = dict(_source_model(item) for item in args.left_out)
     return args
 

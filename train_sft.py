@@ -23,7 +23,7 @@ from gr.data import SOURCES, encode_rows, load_data
 from gr.model import ModelConfig, Transformer
 from gr.prompts import parse_answers, split_input
 from gr.tokenizer import Tokenizer, train_bpe
-from gr.trainer import SFTTask, TrainConfig, train
+from gr.trainer import SFTTask, TrainConfig, add_training_args, apply_preset, train
 
 # The embedded default: small enough to train on a 2-core CPU in minutes, big enough to learn the format.
 SCRATCH_MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -44,36 +44,17 @@ PRESETS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="R-SFT: train a guard model to reason, then answer.")
-    p.add_argument("--preset", choices=PRESETS, default="default", help="settings to start from (default: the small CPU run)")
+    add_training_args(p, "sequences")
     p.add_argument("--model", help="pretrained checkpoint folder or hub id to fine-tune (default: a small model from scratch)")
     p.add_argument("--data", help="shipped, guardreasoner (hub, optionally guardreasoner:Split1,Split2) or a local .json/.jsonl/folder")
     p.add_argument("--exclude-source", choices=SOURCES, help="leave one seed source out (section 5's diversity models)")
-    p.add_argument("--out", help="output folder (default: out/sft, or out/sft-no-SOURCE)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3 from scratch, 5e-5 fine-tuning)")
-    p.add_argument("--epochs", type=int, help="passes over the training data")
-    p.add_argument("--batch-size", type=int, help="sequences per micro-batch (under torchrun: over all ranks together)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--warmup-ratio", type=float, help="share of steps with linear warmup")
-    p.add_argument("--cutoff", type=int, help="longest sequence in tokens; longer ones are cut (and counted)")
-    p.add_argument("--template", choices=["raw", "llama3"], help="prompt format to train on (the paper: llama3)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available for --preset paper, else cpu)")
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute activations in backward to save memory")
     p.add_argument("--dev-size", type=int, default=200, help="rows held out as dev split when the data has none")
     p.add_argument("--eval-every", type=int, default=0, help="steps between dev-loss evaluations (0: at the end)")
-    p.add_argument("--save-every", type=int, default=0, help="steps between resume checkpoints (0: at the end)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (continue later with --resume)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialization and data order")
-    p.add_argument("--report-max-new-tokens", type=int, default=512, help="tokens generated per dev input in the final report")
-    p.add_argument("--no-report", action="store_true", help="skip the final generation report on the dev split")
     args = p.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.lr is None:
+    apply_preset(args, PRESETS)
+    if args.lr is None:  # from scratch, or fine-tuning --model
         args.lr = 5e-5 if args.model else 2e-3
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise GRError("CUDA is not available here: pass --device cpu (or run on a GPU machine)")
     if args.exclude_source and args.out == PRESETS[args.preset]["out"]:
         args.out = f"{args.out}-no-{args.exclude_source}"
     return args

@@ -155,6 +155,39 @@ def autocast_for(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
 
 
+def add_training_args(p, items: str) -> None:
+    """The flags R-SFT and HS-DPO share; left unset, they take the script's preset values."""
+    p.add_argument("--preset", default="default", help="settings to start from (default: the small CPU run; paper: the authors')")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--epochs", type=int, help=f"passes over the {items}")
+    p.add_argument("--batch-size", type=int, help=f"{items} per micro-batch (under torchrun: over all ranks together)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--cutoff", type=int, help="longest prompt + output in tokens; longer ones are cut (and counted)")
+    p.add_argument("--template", choices=["raw", "llama3"], help="prompt format (the paper trained with llama3)")
+    p.add_argument("--device", help="cpu or cuda (default: cpu; cuda for --preset paper)")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute activations in backward to save memory")
+    p.add_argument("--save-every", type=int, default=0, help="steps between resume checkpoints (0: at the end)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (continue later with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialization, sampling and data order")
+    p.add_argument("--report-max-new-tokens", type=int, default=512, help="tokens generated per dev input in the report")
+    p.add_argument("--no-report", action="store_true", help="skip the generation report on the dev split")
+
+
+def apply_preset(args, presets: dict) -> None:
+    """Fill every flag the user left unset from the chosen preset; check that its device exists."""
+    from gr import GRError
+
+    if args.preset not in presets:
+        raise GRError(f"unknown preset '{args.preset}': choose from {', '.join(presets)}")
+    for key, value in presets[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise GRError("CUDA is not available here: pass --device cpu (or run on a GPU machine)")
+
+
 def cosine_schedule(step: int, total: int, warmup: int) -> float:
     """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at `total` steps."""
     if step < warmup:
