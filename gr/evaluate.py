@@ -260,8 +260,8 @@ def run_benchmarks(model, tokenizer, names, out_dir, *, benchmark_dir=None, limi
             prompts.append(text)
             cut += n > 0
         if cut:
-            print(f"warning: {name}: {cut} prompts were longer than the model's context leaves with "
-                  f"{max_new_tokens} new tokens; their user text was cut", file=sys.stderr)
+            print(f"warning: {name}: {cut} prompts were longer than the {budget} tokens the model's context "
+                  f"leaves for a prompt; their user text was cut", file=sys.stderr)
         outputs = complete(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            progress=name)
         predictions = [{"prompt": p, "label": row["output"], "predict": o[0].text}
