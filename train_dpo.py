@@ -30,12 +30,12 @@ PRESETS = {
     # The small CPU run: mine the default R-SFT model, then a few epochs of HS-DPO.
     "default": dict(sft="out/sft", data="shipped", max_new_tokens=512, beta=0.1, ftx=1.0, lr=1e-4, epochs=3,
                     batch_size=8, grad_accum=1, cutoff=1024, template="raw", device="cpu",
-                    gradient_checkpointing=False, out="out/hsdpo"),
+                    gradient_checkpointing=False, out="out/hsdpo", report_max_new_tokens=512),
     # Section 6: beta 0.01, ftx 2.0, lr 5e-6, 2 epochs, effective batch 256 pairs (1 x 256 accumulation on
     # one GPU; the authors ran 1 x 64 x 4 GPUs), cosine, no warmup, cutoff 2048; k=4 samples of <= 2048 tokens.
     "paper": dict(sft="out/sft-paper", data="guardreasoner", max_new_tokens=2048, beta=0.01, ftx=2.0, lr=5e-6,
                   epochs=2, batch_size=1, grad_accum=256, cutoff=2048, template="llama3", device="cuda",
-                  gradient_checkpointing=True, out="out/hsdpo-paper"),
+                  gradient_checkpointing=True, out="out/hsdpo-paper", report_max_new_tokens=2048),
 }
 
 

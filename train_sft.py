@@ -33,12 +33,12 @@ SCRATCH_VOCAB = 2048
 PRESETS = {
     # From scratch on the shipped data (or fine-tuning --model with a fine-tuning learning rate).
     "default": dict(data="shipped", lr=None, epochs=8, batch_size=8, grad_accum=1, warmup_ratio=0.05,
-                    cutoff=1024, template="raw", device="cpu", gradient_checkpointing=False, out="out/sft"),
+                    cutoff=1024, template="raw", device="cpu", gradient_checkpointing=False, out="out/sft", report_max_new_tokens=512),
     # Section 4: lr 5e-5, 3 epochs, effective batch 384 (6 x 64 accumulation on one GPU; the authors ran
     # 6 x 16 x 4 GPUs), cosine, no warmup, cutoff 2048, the llama3 chat template.
     "paper": dict(model="meta-llama/Llama-3.2-1B", data="guardreasoner", lr=5e-5, epochs=3, batch_size=6,
                   grad_accum=64, warmup_ratio=0.0, cutoff=2048, template="llama3", device="cuda",
-                  gradient_checkpointing=True, out="out/sft-paper"),
+                  gradient_checkpointing=True, out="out/sft-paper", report_max_new_tokens=2048),
 }
 
 

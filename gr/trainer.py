@@ -171,7 +171,7 @@ def add_training_args(p, items: str) -> None:
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (continue later with --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed for initialization, sampling and data order")
-    p.add_argument("--report-max-new-tokens", type=int, default=512, help="tokens generated per dev input in the report")
+    p.add_argument("--report-max-new-tokens", type=int, help="tokens generated per dev input in the report")
     p.add_argument("--no-report", action="store_true", help="skip the generation report on the dev split")
 
 
