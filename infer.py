@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from gr import GRError
+from gr import GRError, user_errors
 from gr.evaluate import DTYPES, fit_prompt, load_guard, prompt_budget
 from gr.generate import complete, generate
 from gr.prompts import TASKS, parse_answers
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="with --file: write the JSON lines here (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=8, help="with --file: interactions generated together")
     args = parser.parse_args(argv)
-    try:
+    with user_errors():
         if (args.prompt is None) == (args.file is None):
             raise GRError("give either a PROMPT to judge or --file IN.jsonl (not both)")
         if args.out is not None and args.file is None:
@@ -167,9 +167,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             result = guard_one(model, tokenizer, args.prompt, args.response, args.max_new_tokens, True)
             print(f"\n=== verdict ===\n{verdict(result)}")
-    except GRError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ to prefer the right reasoning, with the R-SFT model as the frozen reference.
 import argparse
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
 
-from gr import GRError, distributed
+from gr import GRError, distributed, user_errors
 from gr.checkpoint import resolve
 from gr.data import SOURCES, encode_sft, load_data
 from gr.mining import load_hard_samples, merge_ensemble, mine, sample_outputs, save_hard_samples, summarize
@@ -168,8 +167,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
+    with user_errors():
         main()
-    except GRError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

@@ -11,13 +11,12 @@ prints the dev loss, how many dev outputs end in a full Answers block, and the d
 
 import argparse
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from gr import GRError, distributed
+from gr import GRError, distributed, user_errors
 from gr.checkpoint import resolve
 from gr.data import SOURCES, encode_rows, load_data
 from gr.model import ModelConfig, Transformer
@@ -141,8 +140,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
+    with user_errors():
         main()
-    except GRError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

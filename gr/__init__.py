@@ -4,9 +4,22 @@ Each module is one step of the paper: model, checkpoint, tokenizer, prompts, dat
 trainer, mining, evaluate, synthesize.
 """
 
+import sys
+from contextlib import contextmanager
+
 
 class GRError(Exception):
     """A problem the user can fix (a missing file, a model not cached offline, bad input).
 
     Command lines print its message as one line and exit with status 2, without a traceback.
     """
+
+
+@contextmanager
+def user_errors():
+    """Around a command line's work: a GRError ends the program with its one line and exit status 2."""
+    try:
+        yield
+    except GRError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

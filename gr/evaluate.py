@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from gr import GRError
+from gr import GRError, user_errors
 from gr.checkpoint import resolve
 from gr.data import BENCHMARKS, load_benchmark, read_rows
 from gr.generate import complete
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
                        help="folder holding the benchmark files (default: downloaded once into the cache)")
         p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = parser.parse_args(argv)
-    try:
+    with user_errors():
         if args.command == "score":
             results = score_files(args.paths, args.benchmark_dir)
         else:
@@ -333,9 +333,6 @@ def main(argv: list[str] | None = None) -> None:
             results = run_benchmarks(model, tokenizer, args.benchmarks, out, benchmark_dir=args.benchmark_dir,
                                      limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
             print(f"predictions written to {out}", file=sys.stderr)
-    except GRError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     print(json.dumps(summary(results), indent=2) if args.json else format_tables(results))
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from gr import GRError
+from gr import GRError, user_errors
 from gr.prompts import INSTRUCTION, LABELS, TASKS, format_answers, format_input, parse_answers
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None):
 
     base_url = os.environ.get("GR_TEACHER_BASE_URL") or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
     api_key = os.environ.get("GR_TEACHER_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    try:
+    with user_errors():
         if not api_key:
             raise SynthesisError("no API key: set GR_TEACHER_API_KEY (or OPENAI_API_KEY)")
         seeds = load_seeds(args.seeds)
@@ -498,9 +498,6 @@ def main(argv: list[str] | None = None):
             workers=args.workers, retries=args.retries, backoff=args.backoff, temperature=args.temperature,
             max_tokens=args.max_tokens, timeout=args.timeout,
         )
-    except GRError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     print(f"{summary.line()} -> {args.out}")
     if summary.failed:
         lines = ", ".join(str(line) for line, _ in summary.failures[:10])
