@@ -59,9 +59,11 @@ class SFTTask:
     def __init__(self, examples, dev_examples, pad_id: int, eval_batch_size: int = 8):
         self.examples, self.dev, self.pad_id, self.eval_batch_size = examples, dev_examples, pad_id, eval_batch_size
         self.lengths = [len(e.input_ids) for e in examples]
+        # Output tokens per example, counted once: every step asks for them.
+        self.targets = [sum(label != IGNORE for label in e.labels[1:]) for e in examples]
 
     def count(self, indices) -> int:
-        return sum(sum(label != IGNORE for label in self.examples[i].labels[1:]) for i in indices)
+        return sum(self.targets[i] for i in indices)
 
     def loss(self, model, indices, total):
         device = next(model.parameters()).device
