@@ -1,12 +1,13 @@
 """R-SFT: reasoning supervised fine-tuning (GuardReasoner, section 4).
 
     python train_sft.py                      # the embedded default: a small LLaMA from scratch, CPU, minutes
-    python train_sft.py --model HuggingFaceTB/SmolLM2-135M-Instruct --max-steps 20
+    python train_sft.py --preset small       # SmolLM2-135M-Instruct on the shipped data: a small guard, CPU
     python train_sft.py --preset paper       # the authors' recipe: Llama-3.2-1B on GuardReasonerTrain, GPU
     torchrun --nproc_per_node=4 train_sft.py --preset paper --batch-size 24 --grad-accum 16   # 4 GPUs, FSDP2
 
 The default trains a byte-level BPE tokenizer and a 4-layer LLaMA on the dataset shipped in data/, then
 prints the dev loss, how many dev outputs end in a full Answers block, and the dev accuracy per task.
+`--no-reasoning` trains on the Answers block alone (the paper's baseline without reasoning).
 """
 
 import argparse
@@ -17,46 +18,66 @@ from pathlib import Path
 import torch
 
 from gr import GRError, distributed, user_errors
-from gr.checkpoint import resolve
+from gr.checkpoint import find_resume, load_model, load_tokenizer, resolve
+from gr.cli import add_training_args, apply_preset
 from gr.data import SOURCES, encode_rows, load_data
+from gr.evaluate import dev_metrics
+from gr.guard import Guard
 from gr.model import ModelConfig, Transformer
-from gr.prompts import parse_answers, split_input
+from gr.prompts import ANSWERS, parse_answers, split_input
+from gr.rsft import SFTTask
 from gr.tokenizer import Tokenizer, train_bpe
-from gr.trainer import SFTTask, TrainConfig, add_training_args, apply_preset, train
+from gr.trainer import TrainConfig, train
 
 # The embedded default: small enough to train on a 2-core CPU in minutes, big enough to learn the format.
 SCRATCH_MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=10000.0)
 SCRATCH_VOCAB = 2048
+SMALL_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 PRESETS = {
     # From scratch on the shipped data (or fine-tuning --model with a fine-tuning learning rate).
-    "default": dict(data="shipped", lr=None, epochs=8, batch_size=8, grad_accum=1, warmup_ratio=0.05,
-                    cutoff=1024, template="raw", device="cpu", gradient_checkpointing=False, out="out/sft", report_max_new_tokens=512),
+    "default": dict(data="shipped", lr=None, epochs=3, batch_size=8, grad_accum=1, warmup_ratio=0.05, cutoff=1024,
+                    template="raw", device="cpu", gradient_checkpointing=False, out="out/sft", save_every=0,
+                    report_max_new_tokens=512),
+    # A small real guard on a CPU: SmolLM2-135M-Instruct fine-tuned on the shipped data (settings chosen on dev).
+    "small": dict(model=SMALL_MODEL, data="shipped", lr=1e-4, epochs=2, batch_size=8, grad_accum=2,
+                  warmup_ratio=0.03, cutoff=1024, template="raw", device="cpu", gradient_checkpointing=False,
+                  out="out/sft-small", save_every=20, report_max_new_tokens=512),
     # Section 4: lr 5e-5, 3 epochs, effective batch 384 (6 x 64 accumulation on one GPU; the authors ran
     # 6 x 16 x 4 GPUs), cosine, no warmup, cutoff 2048, the llama3 chat template.
     "paper": dict(model="meta-llama/Llama-3.2-1B", data="guardreasoner", lr=5e-5, epochs=3, batch_size=6,
                   grad_accum=64, warmup_ratio=0.0, cutoff=2048, template="llama3", device="cuda",
-                  gradient_checkpointing=True, out="out/sft-paper", report_max_new_tokens=2048),
+                  gradient_checkpointing=True, out="out/sft-paper", save_every=100, report_max_new_tokens=2048),
 }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="R-SFT: train a guard model to reason, then answer.")
+    p = argparse.ArgumentParser(description="R-SFT: train a guard model to reason, then answer. "
+                                            f"Presets: {', '.join(PRESETS)}.")
     add_training_args(p, "sequences")
     p.add_argument("--model", help="pretrained checkpoint folder or hub id to fine-tune (default: a small model from scratch)")
     p.add_argument("--data", help="shipped, guardreasoner (hub, optionally guardreasoner:Split1,Split2) or a local .json/.jsonl/folder")
     p.add_argument("--exclude-source", choices=SOURCES, help="leave one seed source out (section 5's diversity models)")
+    p.add_argument("--no-reasoning", action="store_true", help="learn the Answers block alone (the paper's baseline without reasoning)")
     p.add_argument("--warmup-ratio", type=float, help="share of steps with linear warmup")
     p.add_argument("--dev-size", type=int, default=200, help="rows held out as dev split when the data has none")
     p.add_argument("--eval-every", type=int, default=0, help="steps between dev-loss evaluations (0: at the end)")
     args = p.parse_args(argv)
+    if args.exclude_source and args.out is None:
+        args.out = f"{PRESETS.get(args.preset, PRESETS['default'])['out']}-no-{args.exclude_source}"
+    if args.no_reasoning and args.out is None:
+        args.out = f"{PRESETS.get(args.preset, PRESETS['default'])['out']}-no-reasoning"
     apply_preset(args, PRESETS)
     if args.lr is None:  # from scratch, or fine-tuning --model
         args.lr = 5e-5 if args.model else 2e-3
-    if args.exclude_source and args.out == PRESETS[args.preset]["out"]:
-        args.out = f"{args.out}-no-{args.exclude_source}"
     return args
+
+
+def answers_only(row: dict) -> dict:
+    """The row with its output cut to the Answers block: what the model learns without reasoning."""
+    start = list(ANSWERS.finditer(row["output"]))[-1].start()
+    return dict(row, output="---\n\n" + row["output"][start:])
 
 
 def split_data(args) -> tuple[list[dict], list[dict]]:
@@ -72,18 +93,20 @@ def split_data(args) -> tuple[list[dict], list[dict]]:
         if len(kept) == len(rows):
             raise GRError(f"no training rows come from source '{args.exclude_source}' in {args.data}")
         rows = kept
+    if args.no_reasoning:
+        rows, dev = [answers_only(r) for r in rows], [answers_only(r) for r in dev]
     return rows, dev
 
 
 def build_model(args, rows, out: Path):
-    """The model to train and the folder its tokenizer files come from."""
+    """The model to train, its tokenizer and the folder its tokenizer files come from."""
     if args.model:
         folder = resolve(args.model)
-        return Transformer.from_pretrained(folder, dtype=torch.float32, device=args.device), Tokenizer.from_pretrained(folder), folder
+        return load_model(folder, dtype=torch.float32, device=args.device), load_tokenizer(folder), folder
     if not args.resume and distributed.is_main():
         train_bpe((r["instruction"] + "\n" + r["input"] + r["output"] for r in rows), SCRATCH_VOCAB, out)
     distributed.barrier()  # under torchrun the other ranks read the tokenizer rank 0 wrote
-    tok = Tokenizer.from_pretrained(out)
+    tok = Tokenizer.from_folder(out)
     cfg = ModelConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.stop_ids,
                       pad_token_id=tok.pad_id, **SCRATCH_MODEL)
     model = Transformer(cfg)
@@ -97,9 +120,8 @@ def report(model, tok, dev, log, args, seconds):
           f"dev loss {log[-1].get('dev_loss', float('nan')):.4f}")
     if args.no_report or not dev:
         return
-    from gr.evaluate import dev_metrics
-
-    m = dev_metrics(model, tok, dev, max_new_tokens=args.report_max_new_tokens, batch_size=16)
+    guard = Guard(model, tok, max_new_tokens=args.report_max_new_tokens)
+    m = dev_metrics(guard, dev, batch_size=16)
     print(f"dev outputs with a full Answers block: {m['parse_rate']:.1%} of {len(dev)}")
     print("dev label accuracy: " + ", ".join(f"{task} {acc:.1%}" for task, acc in m["accuracy"].items()))
     prompt, response = split_input(dev[0]["input"])
@@ -115,16 +137,21 @@ def main(argv=None):
     started = time.time()
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    if args.resume and not (out / "checkpoint" / "trainer_state.pt").exists():
+    if args.resume and find_resume(out) is None:
         raise GRError(f"nothing to resume: {out}/checkpoint holds no checkpoint (start without --resume)")
-    out.mkdir(parents=True, exist_ok=True)
     rows, dev = split_data(args)
+    if args.model:
+        resolve(args.model)  # a missing model is reported before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     model, tok, tokenizer_dir = build_model(args, rows, out)
     examples, cut = encode_rows(tok, rows, args.template, args.cutoff)
     dev_examples, dev_cut = encode_rows(tok, dev, args.template, args.cutoff)
+    if not examples:
+        raise GRError(f"no training row keeps any output within --cutoff {args.cutoff} tokens: raise --cutoff")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"R-SFT of {args.model or 'a new model'} ({n_params / 1e6:.1f}M parameters) on {len(examples)} rows of "
-          f"{args.data}{f' without {args.exclude_source}' if args.exclude_source else ''}, {len(dev_examples)} dev rows; "
+          f"{args.data}{f' without {args.exclude_source}' if args.exclude_source else ''}"
+          f"{' (Answers blocks only)' if args.no_reasoning else ''}, {len(dev_examples)} dev rows; "
           f"{cut + dev_cut} rows longer than {args.cutoff} tokens were cut")
     cfg = TrainConfig(out_dir=str(out), lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio, seed=args.seed,
@@ -135,7 +162,7 @@ def main(argv=None):
     if not finished or not distributed.is_main():
         return
     if distributed.active():  # the trained weights are sharded over the ranks; the saved model is whole
-        model = Transformer.from_pretrained(out, device=args.device)
+        model = load_model(out, device=args.device)
     report(model, tok, dev, log, args, time.time() - started)
 
 

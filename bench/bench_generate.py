@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gr.checkpoint import load_model  # noqa: E402
 from gr.generate import generate  # noqa: E402
-from gr.model import Transformer  # noqa: E402
 
 
 def default_model() -> str:
@@ -49,7 +49,7 @@ def main():
     print(f"{'dtype':9} {'batch':>5} {'ours prefill':>13} {'hf prefill':>11} {'ratio':>6} {'ours decode':>12} {'hf decode':>10} {'ratio':>6}")
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        ours = Transformer.from_pretrained(folder, dtype=dtype)
+        ours = load_model(folder, dtype=dtype)
         ref = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         for batch in args.batches:
             ids = torch.randint(100, 10000, (batch, args.prompt_len), generator=torch.Generator().manual_seed(0))

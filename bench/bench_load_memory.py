@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CODE = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from gr.model import Transformer
+from gr.checkpoint import load_model
 if {load}:
-    model = Transformer.from_pretrained({model!r}, dtype=torch.{dtype})
+    model = load_model({model!r}, dtype=torch.{dtype})
     print(sum(p.numel() * p.element_size() for p in model.parameters()))
 """
 

@@ -28,10 +28,10 @@ def rss_mb() -> float:
 
 
 def batch(folder, size: int, seq: int):
+    from gr.checkpoint import load_tokenizer
     from gr.data import collate, encode_rows, load_shipped
-    from gr.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_pretrained(folder)
+    tok = load_tokenizer(folder)
     examples, _ = encode_rows(tok, load_shipped()[:size], "raw", cutoff=seq)
     b = collate(examples, tok.pad_id)
     return b["input_ids"], b["labels"]
@@ -42,12 +42,12 @@ def worker(args) -> dict:
     dtype = getattr(torch, args.dtype)
     ids, labels = batch(args.model, args.batch, args.seq)
     if args.worker == "ours":
+        from gr.checkpoint import load_model
         from gr.losses import output_positions, sft_loss
-        from gr.model import Transformer
 
-        model = Transformer.from_pretrained(args.model, dtype=dtype).train()
+        model = load_model(args.model, dtype=dtype).train()
 
-        def loss_fn():  # as gr.trainer.SFTTask does: logits at the output tokens only
+        def loss_fn():  # as gr.rsft.SFTTask does: logits at the output tokens only
             return sft_loss(model(ids, logits_at=output_positions(labels)), labels)
     else:
         from transformers import AutoModelForCausalLM

@@ -13,7 +13,6 @@ output (reasoning + answers) and its stop token only.
 """
 
 import json
-import os
 import random
 import urllib.error
 import urllib.request
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from gr import GRError
+from gr.files import cache_dir, read_jsonl
 from gr.prompts import CHAT_STOP, chat_prompt
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -55,35 +55,21 @@ BENCHMARKS = {
 }
 
 
-def cache_dir() -> Path:
-    """Where gr keeps downloads: $GR_CACHE, else $XDG_CACHE_HOME/gr, else ~/.cache/gr."""
-    if os.environ.get("GR_CACHE"):
-        return Path(os.environ["GR_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gr"
-
-
 def read_rows(path) -> list[dict]:
-    """Rows of a JSON list or a JSON-lines file."""
+    """Rows of a JSON list (.json) or a JSON-lines file (any other name)."""
     path = Path(path)
+    if path.suffix != ".json":
+        return read_jsonl(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        rows = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise GRError(f"no such data file: {path}") from None
-    if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise GRError(f"{path}:{n} is not valid JSON ({e.msg})") from None
-        return rows
-    try:
-        rows = json.loads(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise GRError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     except json.JSONDecodeError as e:
         raise GRError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); JSON lines need a .jsonl name") from None
-    if not isinstance(rows, list):
-        raise GRError(f"{path} must hold a JSON list of rows")
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise GRError(f"{path} must hold a JSON list of objects (rows)")
     return rows
 
 

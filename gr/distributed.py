@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from gr import GRError
+from gr.model import Transformer
 
 # FSDP2 and torch.distributed.checkpoint are imported where they are used: importing them costs a
 # single-process run most of a second for nothing.
@@ -91,13 +92,6 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return summed.to(t.device)
 
 
-def sum_over_ranks(*values: float) -> list[float]:
-    """Each value summed over the ranks (the values themselves in a single process)."""
-    if not active():
-        return list(values)
-    return all_sum(torch.tensor(values, dtype=torch.float64)).tolist()
-
-
 def prepare(model, device):
     """The model to train: moved to `device` in a single process; under torchrun sharded with FSDP2
     (which moves each rank's shards to `device`)."""
@@ -128,16 +122,13 @@ def full_model(model):
         return model
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    from gr.model import Transformer
-
     state = get_model_state_dict(model, options=_options(gather=True))
     if not is_main():
         return None
     with torch.device("meta"):
         whole = Transformer(model.config)
     whole.load_state_dict(state, assign=True)
-    if model.config.tie_word_embeddings:
-        whole.lm_head.weight = whole.model.embed_tokens.weight
+    whole.tie_weights()
     return whole
 
 

@@ -99,6 +99,7 @@ class Completion:
     text: str
     tokens: list[int]
     prompt_tokens: int
+    seconds: float  # its batch's generation time, shared equally among the batch's outputs
 
 
 def complete(
@@ -115,12 +116,14 @@ def complete(
     seed: int = 0,
     seeds: list[int] | None = None,
     progress: bool | str = False,
+    on_token=None,
 ) -> list[list[Completion]]:
     """Generate for many prompt texts (BOS added as the tokenizer does): a list of n Completions each.
 
     Prompts are batched in order of length, which wastes the least compute on padding; the results
     come back in input order. Prompt i is seeded by `seeds[i]` (default `seed + i`) whatever its batch,
     so its samples do not depend on the batch size or on which prompts share its batch.
+    `on_token(i, token_id)` is called for each new token of prompt i (with n = 1) as it is made.
     """
     encoded = [tokenizer.encode(p, bos=True) for p in prompts]
     seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
@@ -131,13 +134,16 @@ def complete(
     with tqdm(total=len(prompts), desc=desc, disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
+            began = time.perf_counter()
             outs = generate(
                 model, [encoded[i] for i in chunk], max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids,
                 temperature=temperature, top_p=top_p, top_k=top_k, n=n, seed=[seeds[i] for i in chunk],
                 pad_id=tokenizer.pad_id,
+                on_token=None if on_token is None else lambda row, token, chunk=chunk: on_token(chunk[row], token),
             )
+            share = (time.perf_counter() - began) / len(outs)
             for k, i in enumerate(chunk):
-                results[i] = [Completion(tokenizer.decode(o), o, len(encoded[i])) for o in outs[k * n:(k + 1) * n]]
+                results[i] = [Completion(tokenizer.decode(o), o, len(encoded[i]), share) for o in outs[k * n:(k + 1) * n]]
             new_tokens += sum(len(o) for o in outs)
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}", refresh=False)
             bar.update(len(chunk))

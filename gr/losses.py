@@ -4,6 +4,8 @@ Shapes: B sequences of T tokens over a vocabulary of V. `labels` (B, T) hold the
 -100 (IGNORE) on the prompt and on padding; logits at position t predict the label at t + 1.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -54,6 +56,20 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return torch.zeros(len(labels), device=logps.device).index_add(0, rows, logps), mask.sum(1).float()
 
 
+class DPOTerms(NamedTuple):
+    """Per-pair values of the HS-DPO loss, each of shape (B,); callers reduce them."""
+
+    loss: torch.Tensor  # w * preference + ftx * sft: what is minimized
+    preference: torch.Tensor  # -log sigmoid(r_w - r_l), before the weight
+    sft: torch.Tensor  # -log pi(y_w|x) / |y_w| (zeros when ftx is 0)
+    chosen_rewards: torch.Tensor  # r_w
+    rejected_rewards: torch.Tensor  # r_l
+
+    @property
+    def margin(self) -> torch.Tensor:
+        return self.chosen_rewards - self.rejected_rewards
+
+
 def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -63,42 +79,30 @@ def dpo_loss(
     weights: torch.Tensor | None = None,
     ftx: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict]:
-    """HS-DPO loss of B preference pairs (x, chosen y_w, rejected y_l, hardness weight w).
+) -> DPOTerms:
+    """HS-DPO loss of each of B preference pairs (x, chosen y_w, rejected y_l, hardness weight w).
 
     Inputs are (B,) sequence log-probabilities: log pi(y_w|x), log pi(y_l|x) under the policy being
-    trained and log ref(y_w|x), log ref(y_l|x) under the frozen R-SFT reference.
+    trained and log ref(y_w|x), log ref(y_l|x) under the frozen R-SFT reference. DPO (Rafailov et al.
+    2023, eq. 7) with GuardReasoner's hardness weight on the preference term (section 6) and
+    LLaMA-Factory's pref_ftx SFT term on the chosen output, length-normalized:
 
         r_w = beta * (log pi(y_w|x) - log ref(y_w|x))            implicit reward of the chosen output
         r_l = beta * (log pi(y_l|x) - log ref(y_l|x))            implicit reward of the rejected output
         loss_i = w_i * -log sigmoid(r_w - r_l)  +  ftx * -log pi(y_w|x) / |y_w|
-        loss = mean_i loss_i
 
-    The weight multiplies the preference term only (the paper's objective); the ftx term is the SFT
-    loss on the chosen output, length-normalized (LLaMA-Factory's pref_ftx), which needs
-    `chosen_lengths` (B,). weights None means 1 for every pair (textbook DPO).
-    Returns the loss and metrics (means over the batch): rewards of chosen and rejected, reward accuracy
-    (share of pairs with r_w > r_l), margin r_w - r_l, the preference and SFT terms.
+    weights None means w = 1 for every pair (textbook DPO); ftx > 0 needs `chosen_lengths` (B,) = |y_w|.
+    Returns the per-pair terms (DPOTerms); the mean of `.loss` is the batch loss, and the share of pairs
+    with `.margin` > 0 is the reward accuracy.
     """
     chosen_rewards = beta * (policy_chosen - ref_chosen)
     rejected_rewards = beta * (policy_rejected - ref_rejected)
-    margins = chosen_rewards - rejected_rewards
-    preference = -F.logsigmoid(margins)
-    if weights is not None:
-        preference = weights * preference
-    losses = preference
+    preference = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    loss = preference if weights is None else weights * preference
     sft = torch.zeros_like(preference)
     if ftx:
         if chosen_lengths is None:
             raise ValueError("ftx > 0 needs chosen_lengths")
         sft = -policy_chosen / chosen_lengths
-        losses = losses + ftx * sft
-    metrics = {
-        "rewards/chosen": chosen_rewards.mean().item(),
-        "rewards/rejected": rejected_rewards.mean().item(),
-        "rewards/accuracy": (margins > 0).float().mean().item(),
-        "rewards/margin": margins.mean().item(),
-        "loss/preference": preference.mean().item(),
-        "loss/sft": sft.mean().item(),
-    }
-    return losses.mean(), metrics
+        loss = loss + ftx * sft
+    return DPOTerms(loss, preference, sft, chosen_rewards, rejected_rewards)

@@ -14,17 +14,14 @@ Under torchrun the ranks sample different chunks of rows and every rank reads al
 """
 
 import hashlib
-import json
-import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from gr import GRError, distributed
-from gr.generate import complete
-from gr.prompts import parse_answers, split_input
-
-TASK_ORDER = ("request", "response", "completion")  # section 5, item 3
+from gr.files import JsonlAppender, read_jsonl, write_jsonl
+from gr.guard import Guard
+from gr.prompts import PAPER_ORDER, parse_answers, split_input
 
 
 @dataclass
@@ -43,7 +40,7 @@ def find_hard(row: dict, outputs: list[str]) -> HardSample | None:
     _, response = split_input(row["input"])
     votes = [(o, parse_answers(o)) for o in outputs]
     votes = [(o, a) for o, a in votes if a.complete]
-    for task in TASK_ORDER:
+    for task in PAPER_ORDER:  # section 5, item 3: first match wins
         if task != "request" and (response is None or gold.get(task) is None):
             continue
         right = [o for o, a in votes if a.get(task) == gold.get(task)]
@@ -62,9 +59,9 @@ def normalize_weights(samples: list[HardSample], spread: float = 0.2) -> list[Ha
     return samples
 
 
-def sample_outputs(model, tokenizer, rows: list[dict], cache_path, *, k: int = 4, temperature: float = 0.7,
-                   top_p: float = 0.95, max_new_tokens: int = 2048, batch_size: int = 8, seed: int = 0,
-                   chunk: int = 64, progress: str = "mining") -> list[list[str]]:
+def sample_outputs(guard: Guard, rows: list[dict], cache_path, *, k: int = 4, temperature: float = 0.7,
+                   top_p: float = 0.95, batch_size: int = 8, seed: int = 0, chunk: int = 64,
+                   progress: str = "mining") -> list[list[str]]:
     """k sampled outputs per row, cached in `cache_path` (one JSON line per row) and resumed from it.
 
     A cached line counts only for the same row input (a hash of it is kept); the caller names the cache
@@ -76,7 +73,6 @@ def sample_outputs(model, tokenizer, rows: list[dict], cache_path, *, k: int = 4
     count as the cache.
     """
     cache_path = Path(cache_path)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
     keys = [hashlib.sha256(r["input"].encode()).hexdigest()[:16] for r in rows]
     done = _read_cache(cache_path, keys, k)
     todo = [i for i in range(len(rows)) if i not in done]
@@ -84,20 +80,16 @@ def sample_outputs(model, tokenizer, rows: list[dict], cache_path, *, k: int = 4
         print(f"{progress}: {len(done)} rows cached in {cache_path}, {len(todo)} to sample ({k} outputs each)")
     distributed.barrier()  # every rank has read the cache before any rank adds to it: all see the same todo
     own = cache_path if distributed.is_main() else cache_path.with_name(f"{cache_path.name}.rank{distributed.rank()}")
-    unfinished = _ends_unfinished(own)
-    with own.open("a") as f:
-        if unfinished:
-            f.write("\n")  # end the line a killed run left unfinished
+    with JsonlAppender(own) as appender:
         for start in distributed.share(range(0, len(todo), chunk)):
             part = todo[start:start + chunk]
             prompts = [rows[i]["instruction"] + "\n" + rows[i]["input"] for i in part]
-            outs = complete(model, tokenizer, prompts, batch_size=batch_size, n=k, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, seeds=[seed + i for i in part],
-                            progress=f"{progress} {start + len(part)}/{len(todo)}" if distributed.is_main() else False)
+            outs = guard.generate(prompts, batch_size=batch_size, n=k, temperature=temperature, top_p=top_p,
+                                  seeds=[seed + i for i in part],
+                                  progress=f"{progress} {start + len(part)}/{len(todo)}" if distributed.is_main() else False)
             for i, samples in zip(part, outs):
                 done[i] = [c.text for c in samples]
-                f.write(json.dumps({"index": i, "input": keys[i], "outputs": done[i]}) + "\n")
-            f.flush()
+                appender.write({"index": i, "input": keys[i], "outputs": done[i]})
     distributed.barrier()  # every rank's rows are written
     if len(done) < len(rows):  # under torchrun: the other ranks sampled the rest
         done = _read_cache(cache_path, keys, k)
@@ -108,25 +100,11 @@ def _read_cache(cache_path: Path, keys: list[str], k: int) -> dict[int, list[str
     """Cached outputs by row index: the cache file and the files of other torchrun ranks beside it."""
     done = {}
     for path in [cache_path, *sorted(cache_path.parent.glob(f"{cache_path.name}.rank*"))]:
-        text = path.read_text() if path.exists() else ""
-        for line in text.splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short when the last run was killed
+        for entry in read_jsonl(path, partial_ok=True) if path.exists() else []:
             i = entry["index"]
             if i < len(keys) and entry["input"] == keys[i] and len(entry["outputs"]) == k:
                 done[i] = entry["outputs"]
     return done
-
-
-def _ends_unfinished(path: Path) -> bool:
-    """Whether the file's last line was cut short (a killed run)."""
-    if not path.exists() or path.stat().st_size == 0:
-        return False
-    with path.open("rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) != b"\n"
 
 
 def mine(rows: list[dict], outputs: list[list[str]]) -> list[HardSample]:
@@ -161,15 +139,20 @@ def summarize(n_rows: int | None, hard: list[HardSample]) -> dict:
 
 
 def save_hard_samples(hard: list[HardSample], path) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(asdict(h)) + "\n" for h in hard))
-    tmp.replace(path)
+    write_jsonl(path, [asdict(h) for h in hard])
 
 
 def load_hard_samples(path) -> list[HardSample]:
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        raise GRError(f"no hard-sample file at {path}") from None
-    return [HardSample(**json.loads(line)) for line in lines if line.strip()]
+    """Hard samples saved by `save_hard_samples`; a file of anything else is a user error."""
+    names = {f.name for f in fields(HardSample)}
+    samples = []
+    for n, entry in enumerate(read_jsonl(path), 1):
+        row = entry.get("row")
+        if set(entry) - names or not {"row", "task", "chosen", "rejected", "d"} <= set(entry) or not isinstance(row, dict) \
+                or not all(isinstance(row.get(key), str) for key in ("instruction", "input", "output")) \
+                or not isinstance(entry["chosen"], str) or not isinstance(entry["rejected"], str):
+            raise GRError(f"{path}: line {n} is not a hard sample (written by train_dpo.py as hard_samples.jsonl)")
+        samples.append(HardSample(**entry))
+    if not samples:
+        raise GRError(f"{path} holds no hard samples")
+    return samples

@@ -3,13 +3,14 @@
 token ids -> embed_tokens -> N x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> lm_head -> logits
 
 Module and parameter names equal the Hugging Face checkpoint names (`model.layers.3.self_attn.q_proj.weight`
-...), so a checkpoint is a plain state-dict load and what we save loads in transformers and vLLM.
-Numerics follow transformers' LlamaForCausalLM: RMSNorm in float32, rotary embeddings on the two halves
-of each head ("rotate_half"), cos/sin computed in float32 then cast, SDPA attention with GQA.
+...), so a checkpoint is a plain state-dict load and what we save loads in transformers and vLLM (reading and
+writing checkpoints is gr.checkpoint's job). Numerics follow transformers' LlamaForCausalLM: RMSNorm in
+float32, rotary embeddings on the two halves of each head ("rotate_half"), cos/sin computed in float32 then
+cast, SDPA attention with grouped-query heads.
 """
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,41 +43,6 @@ class ModelConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
-    @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
-        """Read a Hugging Face LLaMA config.json in either of its two forms.
-
-        Older files carry `rope_theta` + `rope_scaling` (whose kind is `rope_type`, or `type` in some);
-        files written by transformers 5 carry one `rope_parameters` dict holding all of it.
-        """
-        known = {f.name for f in fields(cls)} - {"rope_theta", "rope_scaling", "eos_token_id", "head_dim"}
-        kw = {k: v for k, v in hf.items() if k in known}
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
-        kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
-        if kind not in ("default", "llama3", "linear"):
-            raise ValueError(f"rope type '{kind}' is not supported (default, linear and llama3 are)")
-        eos = hf.get("eos_token_id")
-        return cls(
-            **kw,
-            head_dim=hf.get("head_dim") or 0,
-            rope_theta=float(theta),
-            rope_scaling=None if kind == "default" else {"rope_type": kind, **rope},
-            eos_token_id=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
-        )
-
-    def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
-        """A config.json in the `rope_theta` + `rope_scaling` form, which every LLaMA loader reads."""
-        hf = {f.name: getattr(self, f.name) for f in fields(self)}
-        hf["eos_token_id"] = self.eos_token_id[0] if len(self.eos_token_id) == 1 else self.eos_token_id
-        hf.update(
-            architectures=["LlamaForCausalLM"],
-            model_type="llama",
-            hidden_act="silu",
-            torch_dtype=str(dtype).removeprefix("torch."),
-        )
-        return hf
-
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/d) of the rotary embedding, with linear or llama3 scaling.
@@ -108,6 +74,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def causal_mask(keys: torch.Tensor, start: int, T: int, padded: bool) -> torch.Tensor | None:
+    """Which keys each of T queries (at positions start..start+T-1) may see: (B, 1, T, S) bool, or None.
+
+    keys (B, S) marks the real (not left-padding) keys among all S = start + T. None leaves the causal rule
+    to SDPA, which is exact and fastest when nothing is padded and either the queries start at key 0 (a
+    first forward: `is_causal` aligns query i with key i) or there is one query (a decode step: it sees
+    every key). Queries that continue a cache (start > 0, T > 1) need the mask: SDPA's `is_causal` aligns
+    them with the first keys, not with their own positions.
+    """
+    if not padded and (start == 0 or T == 1):
+        return None
+    q = torch.arange(start, start + T, device=keys.device)[:, None]
+    k = torch.arange(start + T, device=keys.device)[None, :]
+    # A padding query sees itself, so that its row is not all masked (that would give NaN).
+    return ((keys[:, None, :] | (k == q)) & (k <= q))[:, None]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -124,25 +107,43 @@ class RMSNorm(nn.Module):
 class KVCache:
     """Keys and values of every layer for a batch, preallocated to `max_len` positions.
 
-    `length` columns are filled; `valid` marks which of them are real tokens (left padding is not);
-    `next_pos` is each row's rotary position for its next token, so a padded row counts from 0 like it
-    would alone.
+    `length` columns are filled; `real` marks which of them are real tokens (left padding is not);
+    `next_pos` is each row's rotary position for its next token, so a padded row counts from 0 as it
+    would alone; `padded` says whether any padding was ever cached (attention then needs a mask).
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.real = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
-        self.padded = False  # any padding cached: attention then needs an explicit mask
+        self.padded = False
+
+    def add_tokens(self, real: torch.Tensor) -> torch.Tensor:
+        """Record T new tokens (real: (B, T) bool) and return their rotary positions (B, T)."""
+        T = real.shape[1]
+        self.real[:, self.length:self.length + T] = real
+        pos = real.long().cumsum(1) - 1 + self.next_pos[:, None]
+        self.next_pos += real.sum(1)
+        self.padded |= not bool(real.all())
+        return pos
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one layer's new keys and values (B, H, T, D); return all keys and values to attend to."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        if not self.length:  # a first forward: the new keys are all the keys, attend to them, not to a copy
+            return k, v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (in this order): drops finished rows, or repeats rows for n samples."""
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
-        self.valid = self.valid.index_select(0, rows)
+        self.real = self.real.index_select(0, rows)
         self.next_pos = self.next_pos.index_select(0, rows)
 
 
@@ -162,11 +163,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            end = cache.length + T
-            cache.k[self.layer][:, :, cache.length:end] = k
-            cache.v[self.layer][:, :, cache.length:end] = v
-            if cache.length:  # else the new keys are all the keys: attend to them, not to a copy
-                k, v = cache.k[self.layer][:, :, :end], cache.v[self.layer][:, :, :end]
+            k, v = cache.update(self.layer, k, v)
         # Grouped-query attention: each key/value head serves n_heads / n_kv query heads.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv != self.n_heads
@@ -216,24 +213,15 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         # A plain attribute, not a buffer: `model.to(bfloat16)` must not round the frequencies.
         self.inv_freq = rope_frequencies(cfg)
         self.gradient_checkpointing = False
 
-    @classmethod
-    def from_pretrained(cls, path_or_id, dtype: torch.dtype = torch.float32, device="cpu") -> "Transformer":
-        """Load a Hugging Face LLaMA checkpoint (a local folder or a hub id) into `dtype` on `device`."""
-        from gr.checkpoint import load_model
-
-        return load_model(cls, path_or_id, dtype=dtype, device=device)
-
-    def save_pretrained(self, out_dir, tokenizer_dir=None, max_shard_bytes: int = 2 * 1024**3) -> None:
-        """Write a Hugging Face folder (config, safetensors, tokenizer files) atomically."""
-        from gr.checkpoint import save_model
-
-        save_model(self, out_dir, tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes)
+    def tie_weights(self) -> None:
+        """With tied embeddings the output head is the embedding matrix itself (after any load, too)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
         """Random initialization for training from scratch (normal(0, std) weights, unit norms)."""
@@ -264,29 +252,16 @@ class Transformer(nn.Module):
         token never looks at the padding after it). With `cache`, the tokens continue the cached ones.
         """
         B, T = input_ids.shape
-        dev = input_ids.device
-        real = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
-        # Rotary position of each token: count real tokens only, so left padding does not shift a row.
-        pos = real.long().cumsum(1) - 1
-        start = 0
-        if cache is not None:
+        real = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None else attention_mask.bool()
+        if cache is None:
+            # Rotary position of each token: count real tokens only, so left padding does not shift a row.
+            pos, start, keys, padded = real.long().cumsum(1) - 1, 0, real, not bool(real.all())
+        else:
             start = cache.length
-            pos = pos + cache.next_pos[:, None]
-            cache.valid[:, start:start + T] = real
-            cache.next_pos += real.sum(1)
-        # Without padding, SDPA's own causal rule is exact and fastest: no mask to build or apply.
-        padded = attention_mask is not None and not bool(real.all())
-        if cache is not None:
-            cache.padded |= padded
-            padded = cache.padded or (start > 0 and T > 1)
-        mask = None
-        if padded:
-            keys = cache.valid[:, :start + T] if cache is not None else real
-            q_idx = torch.arange(start, start + T, device=dev)[:, None]
-            k_idx = torch.arange(start + T, device=dev)[None, :]
-            # A padding query sees only itself, so its row is finite (an all-masked row would give NaN).
-            mask = ((keys[:, None, :] | (k_idx == q_idx)) & (k_idx <= q_idx))[:, None]
-        self.inv_freq = self.inv_freq.to(dev)
+            pos = cache.add_tokens(real)
+            keys, padded = cache.real[:, :start + T], cache.padded
+        mask = causal_mask(keys, start, T, padded)
+        self.inv_freq = self.inv_freq.to(input_ids.device)
         freqs = pos.clamp(min=0)[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         h = self.model.embed_tokens(input_ids)

@@ -15,7 +15,6 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from gr import GRError
-from gr.checkpoint import resolve
 
 # Llama 3's special tokens; our own tokenizers carry them too, so the chat template works everywhere.
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -44,20 +43,23 @@ class Tokenizer:
         return None if token is None else self.tok.token_to_id(token)
 
     @classmethod
-    def from_pretrained(cls, path_or_id) -> "Tokenizer":
-        """Read tokenizer.json and tokenizer_config.json of a folder or hub id (and its config's eos ids)."""
-        folder = resolve(path_or_id)
+    def from_folder(cls, folder) -> "Tokenizer":
+        """Read tokenizer.json and tokenizer_config.json of a model folder (and its config's eos ids);
+        gr.checkpoint.load_tokenizer takes hub ids too."""
+        folder = Path(folder)
         if not (folder / "tokenizer.json").exists():
             raise GRError(f"{folder} has no tokenizer.json (only fast-tokenizer files are read)")
-        tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        special = {}
-        if (folder / "tokenizer_config.json").exists():
-            special = json.loads((folder / "tokenizer_config.json").read_text())
-        config_eos = []
-        for name in ("config.json", "generation_config.json"):
-            if (folder / name).exists():
-                eos = json.loads((folder / name).read_text()).get("eos_token_id")
-                config_eos += [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        try:
+            tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            special, config_eos = {}, []
+            if (folder / "tokenizer_config.json").exists():
+                special = json.loads((folder / "tokenizer_config.json").read_text())
+            for name in ("config.json", "generation_config.json"):
+                if (folder / name).exists():
+                    eos = json.loads((folder / name).read_text()).get("eos_token_id")
+                    config_eos += [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        except Exception as e:  # the tokenizers library raises plain Exceptions for a damaged file
+            raise GRError(f"{folder}: the tokenizer files cannot be read ({e}): the folder is damaged") from None
         return cls(tok, special, config_eos)
 
     @property

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gr.checkpoint import save_model
 from gr.model import ModelConfig, Transformer
 from gr.prompts import INSTRUCTION, format_answers, format_input
 from gr.tokenizer import train_bpe
@@ -55,5 +56,5 @@ def tiny_guard(folder: Path) -> Path:
                          bos_token_id=tokenizer.bos_id, eos_token_id=[tokenizer.eos_id])
     model = Transformer(config)
     model.init_weights(seed=0)
-    model.save_pretrained(folder / "model", tokenizer_dir=folder / "tokenizer")
+    save_model(model, folder / "model", tokenizer_dir=folder / "tokenizer")
     return folder / "model"

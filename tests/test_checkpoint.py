@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import hf_tiny
 from gr import GRError
-from gr.checkpoint import resolve
+from gr.checkpoint import load_model, resolve, save_model
 from gr.model import Transformer
 
 X = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(0))
@@ -22,28 +22,28 @@ def ref_logits(folder):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_saved_checkpoint_loads_in_transformers_with_identical_logits(tmp_path, tied):
-    model = Transformer.from_pretrained(hf_tiny(tmp_path, tie_word_embeddings=tied))
+    model = load_model(hf_tiny(tmp_path, tie_word_embeddings=tied))
     out = tmp_path / "ours"
-    model.save_pretrained(out)
+    save_model(model, out)
     assert (out / "model.safetensors").exists() and not list(tmp_path.glob(".ours.*"))
     with torch.no_grad():
         ours = model(X)
     assert torch.equal(ref_logits(out), ours)
-    again = Transformer.from_pretrained(out)
+    again = load_model(out)
     assert (again.lm_head.weight is again.model.embed_tokens.weight) == tied
 
 
 def test_sharded_checkpoint_round_trip(tmp_path):
-    model = Transformer.from_pretrained(hf_tiny(tmp_path))
+    model = load_model(hf_tiny(tmp_path))
     out = tmp_path / "sharded"
-    model.save_pretrained(out, max_shard_bytes=60_000)
+    save_model(model, out, max_shard_bytes=60_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert not (out / "model.safetensors").exists()
     with torch.no_grad():
         ours = model(X)
-        assert torch.equal(Transformer.from_pretrained(out)(X), ours)
+        assert torch.equal(load_model(out)(X), ours)
     assert torch.equal(ref_logits(out), ours)
 
 
@@ -54,11 +54,11 @@ def test_transformers_sharded_checkpoint_loads(tmp_path):
     LlamaForCausalLM.from_pretrained(folder).save_pretrained(tmp_path / "hf-sharded", max_shard_size="100KB")
     assert (tmp_path / "hf-sharded" / "model.safetensors.index.json").exists()
     with torch.no_grad():
-        assert (ref_logits(folder) - Transformer.from_pretrained(tmp_path / "hf-sharded")(X)).abs().max() <= 1e-5
+        assert (ref_logits(folder) - load_model(tmp_path / "hf-sharded")(X)).abs().max() <= 1e-5
 
 
 def test_load_into_bf16(tmp_path):
-    model = Transformer.from_pretrained(hf_tiny(tmp_path), dtype=torch.bfloat16)
+    model = load_model(hf_tiny(tmp_path), dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model(X).dtype == torch.bfloat16
 
@@ -69,15 +69,15 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     config["intermediate_size"] = 128
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(GRError, match=r"model.safetensors: tensor 'model.layers.0.mlp.down_proj.weight' has shape \(64, 160\) but config.json implies \(64, 128\)"):
-        Transformer.from_pretrained(folder)
+        load_model(folder)
 
 
 def test_missing_files_give_clear_errors(tmp_path):
     with pytest.raises(GRError, match="not a checkpoint folder"):
-        Transformer.from_pretrained(tmp_path / "nowhere")
+        load_model(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(GRError, match="has no config.json"):
-        Transformer.from_pretrained(tmp_path / "empty")
+        load_model(tmp_path / "empty")
 
 
 def fake_hub_cache(hf_home, repo_id, files_from):
@@ -102,6 +102,6 @@ def test_hub_id_resolves_from_the_cache_offline(tmp_path, monkeypatch):
     snapshot = fake_hub_cache(tmp_path / "hf", "someone/tiny-llama", folder)
     assert resolve("someone/tiny-llama") == snapshot
     with torch.no_grad():
-        assert torch.equal(Transformer.from_pretrained("someone/tiny-llama")(X), Transformer.from_pretrained(folder)(X))
+        assert torch.equal(load_model("someone/tiny-llama")(X), load_model(folder)(X))
     with pytest.raises(GRError, match=r"'someone/other' is not in the Hugging Face cache .* pass a local checkpoint folder"):
         resolve("someone/other")

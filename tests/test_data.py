@@ -104,7 +104,7 @@ def test_local_files_and_folders(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps([{"instruction": "x"}]))
     with pytest.raises(GRError, match="row 0 lacks the text field"):
         load_data(str(tmp_path / "c.json"))
-    with pytest.raises(GRError, match="no such data file"):
+    with pytest.raises(GRError, match="no such file"):
         load_data(str(tmp_path / "missing.jsonl"))
 
 

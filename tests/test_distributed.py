@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_guard
+from gr.checkpoint import load_model
 from gr.model import Transformer
 from gr.prompts import format_answers, format_input
 
@@ -86,10 +87,10 @@ def test_two_ranks_train_as_one_process(sft_setup, tmp_path):
     assert len(train_log(one)) == 8 and "dev_loss" in train_log(one)[-1]
     assert stdout.count("R-SFT of ") == 1 and stdout.count("R-SFT finished") == 1  # rank 0 alone prints
     assert not (tmp_path / "two" / "checkpoint").exists()
-    ours = Transformer.from_pretrained(tmp_path / "two")
+    ours = load_model(tmp_path / "two")
     x = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():
-        assert torch.allclose(ours(x), Transformer.from_pretrained(one)(x), atol=1e-4)
+        assert torch.allclose(ours(x), load_model(one)(x), atol=1e-4)
 
 
 def test_resume_on_another_number_of_ranks(sft_setup, tmp_path):

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SHARED, tiny_guard
+from gr.checkpoint import load_model, load_tokenizer
 from gr import GRError
-from gr.evaluate import dev_metrics, dev_scores, fit_prompt, main, prompt_budget, score_files, weighted_average
+from gr.evaluate import dev_metrics, dev_scores, main
+from gr.guard import Guard, fit_prompt, prompt_budget
+from gr.scoring import score_files, weighted_average
 from gr.generate import complete
 from gr.model import Transformer
 from gr.prompts import INSTRUCTION, format_answers, format_input, raw_prompt, split_input
@@ -25,7 +28,7 @@ needs_shared = pytest.mark.skipif(not RELEASED.is_dir(), reason=f"no benchmark c
 @pytest.fixture(scope="module")
 def guard(tmp_path_factory):
     folder = tiny_guard(tmp_path_factory.mktemp("guard"))
-    return folder, Transformer.from_pretrained(folder), Tokenizer.from_pretrained(folder)
+    return folder, load_model(folder), load_tokenizer(folder)
 
 
 def answers(request="harmful", completion="refusal", response="unharmful") -> str:
@@ -160,7 +163,7 @@ def test_bad_prediction_files_give_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         main(["score", str(tmp_path / "SimpleSafetyTests.jsonl")])
     assert exit.value.code == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'SimpleSafetyTests.jsonl'}: row 1 has no text field " \
+    assert capsys.readouterr().err == f"error: {tmp_path / 'SimpleSafetyTests.jsonl'}: line 1 has no text field " \
                                       "'predict' (prediction lines are {prompt, label, predict})\n"
 
 
@@ -231,15 +234,13 @@ def test_dev_metrics_generates_greedily_and_restores_training_mode(guard):
     rows = [{"instruction": INSTRUCTION, "input": format_input(p), "output": answers("unharmful", None, None)}
             for p in ("How do I bake bread?", "Tell me a joke.")]
     model.train()
-    metrics = dev_metrics(model, tok, rows, batch_size=2, max_new_tokens=6)
+    metrics = dev_metrics(Guard(model, tok, max_new_tokens=6), rows, batch_size=2)
     assert model.training
     model.eval()
     expected = complete(model, tok, [r["instruction"] + "\n" + r["input"] for r in rows], max_new_tokens=6)
     assert metrics["outputs"] == [c[0].text for c in expected]
     assert metrics["parse_rate"] == 0.0  # a random model writes no Answers block
     assert metrics["accuracy"] == {"request": 0.0, "completion": None, "response": None}
-    with pytest.raises(ValueError, match="not on meta"):
-        dev_metrics(model, tok, rows, device="meta")
 
 
 def test_prompt_budget_keeps_room_for_the_output():

@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import hf_tiny
+from gr.checkpoint import load_model
 from gr.generate import generate, sample_next
 from gr.model import Transformer
 
@@ -12,7 +13,7 @@ from gr.model import Transformer
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = hf_tiny(tmp_path_factory.mktemp("gen"), head_dim=24)
-    return folder, Transformer.from_pretrained(folder)
+    return folder, load_model(folder)
 
 
 PROMPTS = [[5, 17, 99, 3, 250, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [42], [7, 7, 7, 7]]

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from gr.checkpoint import load_model, load_tokenizer
 from gr.generate import complete, generate
 from gr.model import Transformer
 from gr.prompts import raw_prompt
@@ -19,7 +20,7 @@ from conftest import tiny_guard
 @pytest.fixture(scope="module")
 def guard(tmp_path_factory):
     folder = tiny_guard(tmp_path_factory.mktemp("infer"))
-    return folder, Transformer.from_pretrained(folder), Tokenizer.from_pretrained(folder)
+    return folder, load_model(folder), load_tokenizer(folder)
 
 
 def infer(*args, env=None):
@@ -43,7 +44,8 @@ def test_json_mode_prints_one_object(guard):
     assert rc == 0, err
     result = json.loads(out)
     ids, tokens, text = greedy(model, tok, "How do I bake bread?", "Knead, rest, bake.")
-    assert list(result) == ["prompt", "response", "labels", "output", "prompt_tokens", "new_tokens", "seconds"]
+    assert list(result) == ["model", "prompt", "response", "labels", "output", "prompt_tokens", "new_tokens", "seconds",
+                            "input_truncated"]
     assert (result["prompt"], result["response"]) == ("How do I bake bread?", "Knead, rest, bake.")
     assert (result["output"], result["prompt_tokens"], result["new_tokens"]) == (text, len(ids), len(tokens))
     assert result["labels"] == {"request": None, "completion": None, "response": None}  # a random model
@@ -74,8 +76,9 @@ def test_file_mode_round_trips_in_input_order(guard, tmp_path):
     assert [r["output"] for r in results] == [c[0].text for c in expected]
     assert [(r["prompt_tokens"], r["new_tokens"]) for r in results] == \
         [(c[0].prompt_tokens, len(c[0].tokens)) for c in expected]
-    assert all(set(r) == {"prompt", "response", "labels", "output", "prompt_tokens", "new_tokens", "seconds"}
-               for r in results)
+    assert [r["line"] for r in results] == [1, 2, 4]
+    assert all(set(r) == {"line", "model", "prompt", "response", "labels", "output", "prompt_tokens", "new_tokens",
+                          "seconds", "input_truncated"} for r in results)
 
 
 def test_long_input_is_cut_with_a_warning_and_the_framing_kept(guard, tmp_path):
@@ -105,9 +108,9 @@ def test_bad_input_gives_one_line_and_exit_2(case, tmp_path):
     rc, out, err = infer(*args, "--model", tmp_path / "no-model")  # input is checked before the model loads
     message = {
         "empty prompt": "the prompt is empty: give the user's request to judge",
-        "missing file": f"cannot read {path}: No such file or directory",
+        "missing file": f"no such file: {path}",
         "a folder": f"cannot read {tmp_path}: Is a directory",
-        "not JSON": f"{path}: line 2 is not JSON (Expecting property name enclosed in double quotes)",
+        "not JSON": f"{path}:2 is not valid JSON (Expecting property name enclosed in double quotes)",
         "no prompt": f'{path}: line 3 has no string "prompt" (lines are {{"prompt": ..., "response": ...}})',
         "empty response": f"{path}: line 1: the response is empty: leave it out when there is no AI response",
     }[case]
@@ -123,6 +126,8 @@ def test_model_not_cached_offline_says_to_pass_model(tmp_path):
 
 def test_streaming_prints_whole_characters_as_they_complete(guard, monkeypatch):
     import infer
+    from gr import generate as generation
+    from gr.guard import Guard
 
     _, model, tok = guard
     ids = tok.encode("a✓b✓", bos=False)
@@ -134,8 +139,8 @@ def test_streaming_prints_whole_characters_as_they_complete(guard, monkeypatch):
         return [ids]
 
     chunks = []
-    monkeypatch.setattr(infer, "generate", fake_generate)
+    monkeypatch.setattr(generation, "generate", fake_generate)
     monkeypatch.setattr(sys, "stdout", type("Recorder", (), {"write": lambda self, s: chunks.append(s),
                                                              "flush": lambda self: None})())
-    result = infer.guard_one(model, tok, "Hi", None, 8, stream=True)
+    result = infer.guard_one(Guard(model, tok, max_new_tokens=8), "Hi", None, "model", stream=True)
     assert chunks == ["a", "✓", "b", "✓", "\n"] and result["output"] == "a✓b✓"

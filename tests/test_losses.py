@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gr.data import IGNORE
+from gr.data import IGNORE, Example
 from gr.losses import dpo_loss, output_positions, sequence_logps, sft_loss
 
 
@@ -90,58 +90,78 @@ RC, RR = torch.tensor([-11.0, -18.0]), torch.tensor([-11.0, -16.0])
 
 def test_dpo_by_hand():
     beta = 0.5
-    loss, m = dpo_loss(PC, PR, RC, RR, beta=beta)
+    terms = dpo_loss(PC, PR, RC, RR, beta=beta)
     # pair 0: r_w = 0.5*(-10+11) = 0.5, r_l = 0.5*(-12+11) = -0.5, margin 1.0
     # pair 1: r_w = 0.5*(-20+18) = -1.0, r_l = 0.5*(-15+16) = 0.5, margin -1.5
-    expected = (-math.log(1 / (1 + math.exp(-1.0))) - math.log(1 / (1 + math.exp(1.5)))) / 2
-    assert loss.item() == pytest.approx(expected, abs=1e-6)
-    assert m["rewards/chosen"] == pytest.approx((0.5 - 1.0) / 2)
-    assert m["rewards/rejected"] == pytest.approx((-0.5 + 0.5) / 2)
-    assert m["rewards/margin"] == pytest.approx((1.0 - 1.5) / 2)
-    assert m["rewards/accuracy"] == 0.5
+    expected = [-math.log(1 / (1 + math.exp(-1.0))), -math.log(1 / (1 + math.exp(1.5)))]
+    assert terms.loss.tolist() == pytest.approx(expected, abs=1e-6)
+    assert terms.preference.tolist() == pytest.approx(expected, abs=1e-6)
+    assert terms.chosen_rewards.tolist() == pytest.approx([0.5, -1.0])
+    assert terms.rejected_rewards.tolist() == pytest.approx([-0.5, 0.5])
+    assert terms.margin.tolist() == pytest.approx([1.0, -1.5])
+    assert terms.sft.tolist() == [0.0, 0.0]
 
 
 def test_dpo_textbook_formula_with_unit_weights_and_no_ftx():
     beta = 0.1
-    textbook = -F.logsigmoid(beta * ((PC - RC) - (PR - RR))).mean()
-    assert dpo_loss(PC, PR, RC, RR, beta=beta)[0].item() == pytest.approx(textbook.item(), abs=1e-7)
-    assert dpo_loss(PC, PR, RC, RR, beta=beta, weights=torch.ones(2))[0].item() == pytest.approx(textbook.item(), abs=1e-7)
+    textbook = -F.logsigmoid(beta * ((PC - RC) - (PR - RR)))
+    assert torch.allclose(dpo_loss(PC, PR, RC, RR, beta=beta).loss, textbook, atol=1e-7)
+    assert torch.allclose(dpo_loss(PC, PR, RC, RR, beta=beta, weights=torch.ones(2)).loss, textbook, atol=1e-7)
 
 
 def test_weight_scales_the_preference_term_exactly():
     beta, w = 0.1, torch.tensor([0.8, 1.2])
     per_pair = -F.logsigmoid(beta * ((PC - RC) - (PR - RR)))
-    loss, m = dpo_loss(PC, PR, RC, RR, beta=beta, weights=w)
-    assert loss.item() == pytest.approx((w * per_pair).mean().item(), abs=1e-7)
+    assert torch.allclose(dpo_loss(PC, PR, RC, RR, beta=beta, weights=w).loss, w * per_pair, atol=1e-7)
     lengths = torch.tensor([4.0, 5.0])
-    with_sft, _ = dpo_loss(PC, PR, RC, RR, beta=beta, weights=w, ftx=2.0, chosen_lengths=lengths)
+    with_sft = dpo_loss(PC, PR, RC, RR, beta=beta, weights=w, ftx=2.0, chosen_lengths=lengths)
     # The weight does not touch the SFT term.
-    assert with_sft.item() == pytest.approx((w * per_pair + 2.0 * -PC / lengths).mean().item(), abs=1e-6)
+    assert torch.allclose(with_sft.loss, w * per_pair + 2.0 * -PC / lengths, atol=1e-6)
+    assert torch.allclose(with_sft.preference, per_pair, atol=1e-7)
 
 
 def test_sft_term_is_length_normalized_chosen_nll():
     lengths = torch.tensor([4.0, 5.0])
-    loss0, _ = dpo_loss(PC, PR, RC, RR, beta=0.1)
-    loss2, m = dpo_loss(PC, PR, RC, RR, beta=0.1, ftx=2.0, chosen_lengths=lengths)
-    assert m["loss/sft"] == pytest.approx((10 / 4 + 20 / 5) / 2)
-    assert (loss2 - loss0).item() == pytest.approx(2.0 * (10 / 4 + 20 / 5) / 2, abs=1e-6)
+    plain = dpo_loss(PC, PR, RC, RR, beta=0.1)
+    with_sft = dpo_loss(PC, PR, RC, RR, beta=0.1, ftx=2.0, chosen_lengths=lengths)
+    assert with_sft.sft.tolist() == pytest.approx([10 / 4, 20 / 5])
+    assert (with_sft.loss - plain.loss).tolist() == pytest.approx([2.0 * 10 / 4, 2.0 * 20 / 5], abs=1e-6)
     with pytest.raises(ValueError):
         dpo_loss(PC, PR, RC, RR, ftx=1.0)
 
 
 def test_swapping_chosen_and_rejected_flips_the_margin():
-    _, a = dpo_loss(PC, PR, RC, RR, beta=0.3)
-    _, b = dpo_loss(PR, PC, RR, RC, beta=0.3)
-    assert b["rewards/margin"] == pytest.approx(-a["rewards/margin"])
-    assert b["rewards/chosen"] == pytest.approx(a["rewards/rejected"])
+    a = dpo_loss(PC, PR, RC, RR, beta=0.3)
+    b = dpo_loss(PR, PC, RR, RC, beta=0.3)
+    assert torch.allclose(b.margin, -a.margin)
+    assert torch.allclose(b.chosen_rewards, a.rejected_rewards)
 
 
 def test_gradients_raise_chosen_and_lower_rejected():
     pc, pr = PC.clone().requires_grad_(True), PR.clone().requires_grad_(True)
-    loss, _ = dpo_loss(pc, pr, RC, RR, beta=0.1, weights=torch.tensor([0.8, 1.2]), ftx=2.0, chosen_lengths=torch.tensor([4.0, 5.0]))
-    loss.backward()
+    terms = dpo_loss(pc, pr, RC, RR, beta=0.1, weights=torch.tensor([0.8, 1.2]), ftx=2.0, chosen_lengths=torch.tensor([4.0, 5.0]))
+    terms.loss.mean().backward()
     assert torch.all(pc.grad < 0)  # descending the loss raises log pi(chosen)
     assert torch.all(pr.grad > 0)  # and lowers log pi(rejected)
+
+
+def test_dpo_task_metrics_are_means_over_the_step_whatever_the_micro_batches():
+    """DPOTask divides each pair's loss and metrics by the step's pair count: micro-batches add up to the
+    step's means, which are those of dpo_loss over all pairs at once."""
+    from gr.hsdpo import DPOTask
+
+    class Fixed(DPOTask):
+        def _logps(self, model, indices):
+            return PC[indices], PR[indices], torch.tensor([4.0, 5.0])[indices]
+
+    one = Example([0, 1], [IGNORE, 1])
+    task = Fixed([{"chosen": one, "rejected": one, "weight": w} for w in (0.8, 1.2)], pad_id=0, beta=0.1, ftx=2.0)
+    task.ref = torch.stack([RC, RR], 1)
+    whole = dpo_loss(PC, PR, RC, RR, beta=0.1, weights=torch.tensor([0.8, 1.2]), ftx=2.0, chosen_lengths=torch.tensor([4.0, 5.0]))
+    parts = [task.loss(None, [i], total=2) for i in (0, 1)]
+    assert sum(p[0] for p in parts).item() == pytest.approx(whole.loss.mean().item(), abs=1e-6)
+    assert sum(p[1]["rewards/margin"] for p in parts).item() == pytest.approx(whole.margin.mean().item(), abs=1e-6)
+    assert sum(p[1]["rewards/accuracy"] for p in parts).item() == 0.5
 
 
 def test_logits_at_output_positions_only_give_the_same_losses():

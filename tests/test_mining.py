@@ -9,8 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, tiny_guard
+from gr.checkpoint import load_model, load_tokenizer
 from gr import mining
 from gr.mining import HardSample, find_hard, load_hard_samples, merge_ensemble, normalize_weights, sample_outputs, summarize
+from gr.guard import Guard
 from gr.model import Transformer
 from gr.prompts import INSTRUCTION, format_answers, format_input
 from gr.tokenizer import Tokenizer
@@ -89,24 +91,26 @@ def test_ensemble_merges_per_source_and_deduplicates():
 @pytest.fixture(scope="module")
 def guard(tmp_path_factory):
     folder = tiny_guard(tmp_path_factory.mktemp("miner"))
-    return folder, Transformer.from_pretrained(folder), Tokenizer.from_pretrained(folder)
+    return folder, load_model(folder), load_tokenizer(folder)
 
 
 def test_generation_cache_resumes_a_killed_run(guard, tmp_path, monkeypatch):
     _, model, tok = guard
+    miner = Guard(model, tok, max_new_tokens=6)
     rows = [row(text=f"question {i}") for i in range(5)]
-    kw = dict(k=3, max_new_tokens=6, batch_size=2, seed=7, chunk=2)
-    full = sample_outputs(model, tok, rows, tmp_path / "a.jsonl", **kw)
+    kw = dict(k=3, batch_size=2, seed=7, chunk=2)
+    full = sample_outputs(miner, rows, tmp_path / "a.jsonl", **kw)
     assert len(full) == 5 and all(len(o) == 3 for o in full) and len({o for outs in full for o in outs}) > 3
     lines = (tmp_path / "a.jsonl").read_text().splitlines()
     # A run killed while writing its third row: two whole lines and half of one.
     (tmp_path / "b.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
     asked = []
-    real = mining.complete
-    monkeypatch.setattr(mining, "complete", lambda m, t, prompts, **a: asked.append(len(prompts)) or real(m, t, prompts, **a))
-    assert sample_outputs(model, tok, rows, tmp_path / "b.jsonl", **kw) == full
+    real = miner.generate
+    monkeypatch.setattr(miner, "generate", lambda prompts, **a: asked.append(len(prompts)) or real(prompts, **a))
+    assert sample_outputs(miner, rows, tmp_path / "b.jsonl", **kw) == full
     assert sum(asked) == 3  # only the rows that were not cached
-    assert sample_outputs(model, tok, rows, tmp_path / "b.jsonl", **kw) == full and sum(asked) == 3
+    assert sample_outputs(miner, rows, tmp_path / "b.jsonl", **kw) == full and sum(asked) == 3
+    assert (tmp_path / "b.jsonl").read_text().splitlines() == lines[:2] + (tmp_path / "b.jsonl").read_text().splitlines()[2:]
 
 
 def test_train_dpo_end_to_end_on_given_hard_samples(guard, tmp_path):
@@ -132,6 +136,6 @@ def test_train_dpo_end_to_end_on_given_hard_samples(guard, tmp_path):
     x = torch.tensor([tok.encode(INSTRUCTION + "\n" + format_input("hello"))])
     ref = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32).eval()
     with torch.no_grad():
-        ours = Transformer.from_pretrained(run)(x)
+        ours = load_model(run)(x)
         assert (ref(x).logits - ours).abs().max().item() <= 1e-4
         assert (ours - model(x)).abs().max().item() > 1e-3  # it did train

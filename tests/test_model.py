@@ -7,6 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import hf_tiny
+from gr import GRError
+from gr.checkpoint import config_from_hf, load_model, load_tokenizer
 from gr.model import KVCache, ModelConfig, Transformer
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -22,7 +24,7 @@ CONFIGS = {
 
 def logits_of(folder, x, mask=None):
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ours = Transformer.from_pretrained(folder)
+    ours = load_model(folder)
     with torch.no_grad():
         return ref(x, attention_mask=mask).logits, ours(x, attention_mask=mask)
 
@@ -48,7 +50,7 @@ def test_old_rope_scaling_config_form(tmp_path, kind_key):
     rope[kind_key] = rope.pop("rope_type")
     hf["rope_scaling"] = rope
     (folder / "config.json").write_text(json.dumps(hf))
-    cfg = ModelConfig.from_hf(hf)
+    cfg = config_from_hf(hf)
     assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["rope_type"] == "llama3"
     ref, ours = logits_of(folder, x)
     assert (new_ref - ours).abs().max().item() <= 1e-4
@@ -56,12 +58,12 @@ def test_old_rope_scaling_config_form(tmp_path, kind_key):
 
 
 def test_config_fields():
-    cfg = ModelConfig.from_hf({"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+    cfg = config_from_hf({"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
                                "eos_token_id": [1, 3], "rms_norm_eps": 1e-6, "tie_word_embeddings": True})
     assert (cfg.head_dim, cfg.eos_token_id, cfg.rms_norm_eps, cfg.tie_word_embeddings) == (16, [1, 3], 1e-6, True)
-    assert ModelConfig.from_hf({"eos_token_id": 7}).eos_token_id == [7]
-    with pytest.raises(ValueError, match="yarn"):
-        ModelConfig.from_hf({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    assert config_from_hf({"eos_token_id": 7}).eos_token_id == [7]
+    with pytest.raises(GRError, match="yarn"):
+        config_from_hf({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
 
 def test_left_padded_batch_matches_transformers_and_single_rows(tmp_path):
@@ -76,7 +78,7 @@ def test_left_padded_batch_matches_transformers_and_single_rows(tmp_path):
     ref, ours = logits_of(folder, x, mask)
     real = mask.bool()
     assert (ref[real] - ours[real]).abs().max().item() <= 1e-4
-    model = Transformer.from_pretrained(folder)
+    model = load_model(folder)
     with torch.no_grad():
         for i, n in enumerate(lengths):
             alone = model(x[i:i + 1, 12 - n:])[0]
@@ -84,7 +86,7 @@ def test_left_padded_batch_matches_transformers_and_single_rows(tmp_path):
 
 
 def test_kv_cache_decoding_equals_full_recompute(tmp_path):
-    model = Transformer.from_pretrained(hf_tiny(tmp_path, head_dim=24))
+    model = load_model(hf_tiny(tmp_path, head_dim=24))
     x = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(4))
     cache = KVCache(model.config, 2, 40, torch.float32, "cpu")
     with torch.no_grad():
@@ -94,7 +96,7 @@ def test_kv_cache_decoding_equals_full_recompute(tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
-    model = Transformer.from_pretrained(hf_tiny(tmp_path)).train()
+    model = load_model(hf_tiny(tmp_path)).train()
     x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(5))
     grads = []
     for flag in (False, True):
@@ -110,7 +112,7 @@ def test_smollm2_real_weights_match_transformers(smollm2):
     from gr.generate import generate
     from gr.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_pretrained(smollm2)
+    tok = load_tokenizer(smollm2)
     ref_tok = AutoTokenizer.from_pretrained(smollm2)
     question = "Tell me about the history of Paris, the capital of France, in a long paragraph."
     chat = [{"role": "user", "content": question}]
@@ -120,7 +122,7 @@ def test_smollm2_real_weights_match_transformers(smollm2):
     ids = tok.encode(text)
     assert list(ref_ids) == ids
     ref = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-    ours = Transformer.from_pretrained(smollm2, dtype=torch.float32)
+    ours = load_model(smollm2, dtype=torch.float32)
     x = torch.tensor([ids])
     with torch.no_grad():
         diff = (ref(x).logits - ours(x)).abs().max().item()

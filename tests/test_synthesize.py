@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from gr.prompts import INSTRUCTION, format_answers, format_input
-from gr.synthesize import Seed, SynthesisError, load_seeds, synthesize, training_output
+from gr.synthesize import Seed, GRError, load_seeds, synthesize, training_output
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-test-6f1d0c3a9b-never-on-disk"
@@ -268,18 +268,18 @@ def test_training_output_checks_every_gold_label():
     assert training_output(seed, undecided) is None
     assert training_output(seed, reasoning + "Answers: \nRequest: harmful\nCompletion: refusal\n") is None
     assert training_output(seed, "Answers: \nRequest: harmful\nCompletion: refusal\nResponse: unharmful") is None
-    with pytest.raises(SynthesisError):
+    with pytest.raises(GRError):
         Seed("q", None, request_label="harmful", response_label="harmful")
-    with pytest.raises(SynthesisError):
+    with pytest.raises(GRError):
         Seed("q", "r", completion_label="harmful")
 
 
 def test_unwritable_cache_or_output_is_a_clear_error(teacher, tmp_path):
     seeds = load_seeds(write_seeds(tmp_path / "seeds.jsonl", SEEDS[:1]))
     options = dict(base_url=teacher.base_url, api_key=KEY, backoff=0.001, progress=False)
-    with pytest.raises(SynthesisError, match=r"^cannot write .*seeds.jsonl/"):
+    with pytest.raises(GRError, match=r"^cannot write .*seeds.jsonl/"):
         synthesize(seeds, tmp_path / "out.jsonl", cache_dir=tmp_path / "seeds.jsonl", **options)
-    with pytest.raises(SynthesisError, match=r"^cannot write .*seeds.jsonl/out.jsonl"):
+    with pytest.raises(GRError, match=r"^cannot write .*seeds.jsonl/out.jsonl"):
         synthesize(seeds, tmp_path / "seeds.jsonl" / "out.jsonl", cache_dir=tmp_path / "cache", **options)
 
 
@@ -348,10 +348,10 @@ def test_refused_key_stops_the_run(teacher, tmp_path):
     [
         (None, {"GR_TEACHER_API_KEY": KEY}, r"error: seeds file \S+seeds.jsonl does not exist$"),
         ('{"prompt": "ok"}\n{"prompt": "broken"\n', {"GR_TEACHER_API_KEY": KEY},
-         r"error: \S+seeds.jsonl:2: not valid JSON \(.+\)$"),
+         r"error: \S+seeds.jsonl:2 is not valid JSON \(.+\)$"),
         ('{"prompt": "ok", "request_label": "Harmful"}\n', {"GR_TEACHER_API_KEY": KEY},
          r"error: \S+seeds.jsonl:1: 'request_label' is 'Harmful'; it must be 'harmful', 'unharmful' or null$"),
-        ('["prompt"]\n', {"GR_TEACHER_API_KEY": KEY}, r"error: \S+seeds.jsonl:1: each line must be a JSON object"),
+        ('["prompt"]\n', {"GR_TEACHER_API_KEY": KEY}, r"error: \S+seeds.jsonl:1 is not a JSON object"),
         ('{"prompt": "ok"}\n', {}, r"error: no API key: set GR_TEACHER_API_KEY \(or OPENAI_API_KEY\)$"),
         ('{"prompt": "ok"}\n', {"GR_TEACHER_API_KEY": KEY, "GR_TEACHER_BASE_URL": "localhost:8000"},
          r"error: the teacher base URL must be an http\(s\) URL"),

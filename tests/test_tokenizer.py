@@ -3,6 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
+from gr.checkpoint import load_tokenizer
 from gr.prompts import chat_prompt, raw_prompt
 from gr.tokenizer import Tokenizer, train_bpe
 
@@ -18,7 +19,7 @@ def trained(tmp_path_factory):
 
 def test_trained_bpe_is_llama3_style(trained):
     folder, tok = trained
-    again = Tokenizer.from_pretrained(folder)
+    again = load_tokenizer(folder)
     ids = again.encode("Answers: harmful")
     assert ids[0] == again.bos_id == again.tok.token_to_id("<|begin_of_text|>")
     assert again.encode("Answers: harmful", bos=False) == ids[1:]
@@ -41,7 +42,7 @@ def test_trained_bpe_equals_autotokenizer(trained):
 
 
 def test_smollm2_tokenizer_equals_autotokenizer(smollm2):
-    tok = Tokenizer.from_pretrained(smollm2)
+    tok = load_tokenizer(smollm2)
     ref = AutoTokenizer.from_pretrained(smollm2)
     for text in TEXTS:
         assert ref(text)["input_ids"] == tok.encode(text)  # SmolLM2 adds no BOS

@@ -8,9 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT
+from gr.checkpoint import load_model, load_tokenizer
 from gr.data import Example, IGNORE, load_shipped
 from gr.model import ModelConfig, Transformer
-from gr.trainer import SFTTask, TrainConfig, cosine_schedule, train
+from gr.rsft import SFTTask
+from gr.trainer import TrainConfig, cosine_schedule, train
 
 
 def tiny_task(n=12, seed=0):
@@ -78,14 +80,12 @@ def test_train_sft_script_end_to_end(tmp_path):
             "loss.png"} <= {p.name for p in out.iterdir()}
     text = rows[0]["instruction"] + "\n" + rows[0]["input"]
     ref_tok = AutoTokenizer.from_pretrained(out)
-    from gr.tokenizer import Tokenizer
-
-    ids = Tokenizer.from_pretrained(out).encode(text)
+    ids = load_tokenizer(out).encode(text)
     assert ref_tok(text)["input_ids"] == ids
     ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         x = torch.tensor([ids])
-        assert (ref(x).logits - Transformer.from_pretrained(out)(x)).abs().max().item() <= 1e-4
+        assert (ref(x).logits - load_model(out)(x)).abs().max().item() <= 1e-4
 
 
 def test_train_sft_leave_one_source_out_and_errors(tmp_path):
@@ -103,12 +103,11 @@ def test_train_sft_leave_one_source_out_and_errors(tmp_path):
 def test_fine_tuning_smollm2_lowers_the_loss(smollm2, tmp_path):
     """A few R-SFT steps on real pretrained weights (our loader, our loop) lower the loss on those rows."""
     from gr.data import encode_rows
-    from gr.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_pretrained(smollm2)
+    tok = load_tokenizer(smollm2)
     examples, _ = encode_rows(tok, load_shipped()[:4], "raw", cutoff=384)
     task = SFTTask(examples, examples, tok.pad_id)
-    model = Transformer.from_pretrained(smollm2, dtype=torch.float32)
+    model = load_model(smollm2, dtype=torch.float32)
     before = task.evaluate(model)["dev_loss"]
     log, done = train(model, task, TrainConfig(out_dir=str(tmp_path / "smol"), lr=5e-5, epochs=3, batch_size=4),
                       tokenizer_dir=smollm2)
