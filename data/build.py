@@ -1,16 +1,14 @@
-"""Compose the hand-written seeds into GuardReasonerTrain-format samples: data/train.jsonl, data/dev.jsonl.
+"""Check, de-duplicate and split the authored dataset (paper section 3) into data/train.jsonl and data/dev.jsonl.
 
-Usage: python data/build.py [--out-dir DIR]
+The rows of data/authored/*.jsonl were written one by one, the way the paper's teacher wrote
+GuardReasonerTrain: read the interaction, decide its labels by the conventions in data/README.md, then write
+the step-by-step reasoning about *that* interaction and end with the Answers block. This script writes no
+text. It checks every row against the format and the card's rules, drops rows whose interaction is already
+in the set, keeps near-duplicates together in one split, and puts one group in six of every (source, label
+combination) into dev.
 
-This follows the paper's teacher recipe (GuardReasoner section 3) by template instead of by GPT-4o: for each
-seed interaction with gold labels it writes step-by-step reasoning per task (`# Task k`, `## Reasoning Step n`,
-`## Conclusion`) and ends with the exact Answers block for the gold labels. The reasoning is built from the
-seed's own phrases (what the user asks, why it is or is not harmful, what the response does, why the
-response is or is not harmful) plus a few alternative phrasings picked by a hash of the prompt, so the
-output is deterministic: running this twice gives the same bytes.
-
-Each line of the output files is one JSON object with keys, in order: instruction, input, output, source,
-category, tags.
+    python data/build.py                       # data/authored/*.jsonl -> data/train.jsonl, data/dev.jsonl
+    python data/build.py --check FILE [FILE]   # check authored files; print their problems and statistics
 """
 
 import argparse
@@ -18,299 +16,241 @@ import hashlib
 import json
 import re
 import sys
+from collections import Counter, defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository root, for `gr`
-sys.path.insert(0, str(HERE))  # for `seeds`
 
-from gr.prompts import INSTRUCTION, format_answers, format_input  # noqa: E402
-from seeds import WRAPPERS, Seed, load_seeds, split_seeds  # noqa: E402
+from gr.files import read_jsonl, write_jsonl  # noqa: E402
+from gr.prompts import INSTRUCTION, format_answers, format_input, parse_answers  # noqa: E402
 
-CATEGORY_PHRASE = {
-    "violence": "physical violence against people or animals",
-    "weapons": "weapons and explosives",
-    "self-harm": "self-harm and suicide",
-    "hate": "hateful content about protected groups",
-    "harassment": "harassment and intimidation of individuals",
-    "sexual": "sexual content and sexual exploitation",
-    "drugs": "illegal drugs and dangerous drug use",
-    "cybercrime": "cybercrime and unauthorized computer access",
-    "fraud": "fraud and scams",
-    "privacy": "violations of personal privacy",
-    "misinformation": "deliberate misinformation",
-    "extremism": "violent extremism",
-    "theft": "theft and property crime",
-}
+SOURCES = ("wildguard", "beavertails", "aegis", "toxicchat")
+CATEGORIES = ("benign", "violence", "weapons", "extremism", "cybercrime", "fraud", "theft", "hate", "harassment",
+              "privacy", "misinformation", "drugs", "self_harm", "sexual")
+WRAPPERS = ("roleplay", "hypothetical", "fiction", "obfuscation", "split_payload", "injection", "pretext")
+TAGS = (*WRAPPERS, "lookalike", "partial_refusal", "redirection")
+KEYS = ("id", "source", "category", "tags", "prompt", "response", "output")
+DEV_EVERY = 6  # one group in six goes to dev
 
-ASK = (
-    "The human user asks {g}.",
-    "The user is asking {g}.",
-    "In this request, the user asks {g}.",
-    "The request asks {g}.",
+# One "# Task k" section: numbered one-paragraph steps, then the conclusion sentence.
+_TASK = r"# Task {k}\n\n((?:## Reasoning Step \d+\n[^\n#][^\n]*\n\n)+)## Conclusion\n([^\n]+)\n\n"
+BODY = re.compile("".join(_TASK.format(k=k) for k in (1, 2, 3)) + r"---\n\n")
+STEP = re.compile(r"## Reasoning Step (\d+)\n([^\n]+)\n\n")
+CONCLUSIONS = (
+    {"harmful": "The human user's request is harmful.", "unharmful": "The human user's request is unharmful."},
+    {"refusal": "The AI assistant's response is a refusal.", "compliance": "The AI assistant's response is compliance.",
+     None: "The AI assistant's response is None."},
+    {"harmful": "The AI assistant's response is harmful.", "unharmful": "The AI assistant's response is unharmful.",
+     None: "The AI assistant's response is None."},
 )
-WRAP_HARMFUL = {
-    "roleplay": (
-        "The request is wrapped in a role-play, but having a character voice the answer would not make the content any safer.",
-        "Asking the assistant to play a character does not change what is actually being requested.",
-    ),
-    "hypothetical": (
-        "Calling it hypothetical does not change the substance: the answer would be just as usable in reality.",
-        "The hypothetical framing is a thin wrapper; a real answer would work the same way outside the thought experiment.",
-    ),
-    "fiction": (
-        "The fictional framing is a wrapper: the requested details would work the same way outside the story.",
-        "A story does not need working real-world details, so the fiction does not justify the request.",
-    ),
-    "jailbreak": (
-        "The message tries to switch off the assistant's safeguards, which signals that the user expects the request to be refused.",
-        "The instruction to ignore the rules is a jailbreak attempt and does not make the underlying request acceptable.",
-    ),
-    "pretext": (
-        "The stated purpose cannot be verified, and it does not change what the requested content would enable.",
-        "The justification offered does not match the content asked for, which would be harmful in anyone's hands.",
-    ),
-}
-WRAP_BENIGN = {
-    "roleplay": (
-        "The request uses a persona, but the persona is only a playful framing for a harmless task.",
-        "Playing this character involves nothing harmful.",
-    ),
-    "hypothetical": (
-        "The hypothetical is a harmless thought experiment.",
-        "Posing the question as a hypothetical is just a way to explore an idea; nothing harmful is sought.",
-    ),
-    "fiction": (
-        "The fictional framing fits a harmless creative goal; no real-world harmful detail is sought.",
-        "This is ordinary creative writing, and the story needs nothing dangerous.",
-    ),
-    "pretext": (
-        "The stated purpose matches the harmless content asked for.",
-        "The context given is consistent with a legitimate, harmless goal.",
-    ),
-}
-WRAP_WORDS = re.compile(
-    r"fram|wrapper|role|persona|character|fiction|story|novel|screenplay|script|film|movie|game|hypothetical|"
-    r"thought experiment|jailbreak|safeguard|DAN|pretext|research|project|claim|student|instructor|teacher|"
-    r"pharmacist|imagin",
-    re.I,
-)
-LOOKALIKE = (
-    "Some words here sound alarming out of context, but in this sentence their meaning is ordinary.",
-    "Judged by its meaning rather than its keywords, the request is harmless.",
-    "The alarming-sounding wording is figurative or technical, not a sign of harmful intent.",
-)
-CATEGORY_HARMFUL = (
-    "This falls under {c}.",
-    "The request belongs to the category of {c}.",
-    "Requests like this fall under {c}.",
-)
-CATEGORY_BENIGN = (
-    "It does not ask for anything that could hurt the user or others.",
-    "There is no sign of intent to harm anyone.",
-    "Answering it would pose no risk to anyone.",
-    "Nothing in it seeks to cause harm.",
-)
-
-DOES = (
-    "The AI assistant {d}.",
-    "In its reply, the AI assistant {d}.",
-    "Looking at the response, the AI assistant {d}.",
-)
-COMPLETION_NOTE = {
-    "refused_harmful": (
-        "It does not provide the content that was asked for.",
-        "None of the requested content appears in the reply.",
-        "It clearly declines to carry out the request.",
-    ),
-    "refused_benign": (
-        "It declines to answer even though the request was harmless.",
-        "It turns down a harmless request, which still counts as a refusal.",
-        "The request is not answered, so this is a refusal, however needless.",
-    ),
-    "complied_harmful": (
-        "It goes along with the request instead of declining.",
-        "It does what the user asked rather than refusing.",
-        "It provides what was requested, with no refusal.",
-    ),
-    "complied_safe": (
-        "It engages with the request and gives an answer, although not the harmful version the user wanted.",
-        "It responds to the request rather than declining it, but steers the answer toward safe content.",
-    ),
-    "complied_benign": (
-        "It answers the request directly.",
-        "It provides the help that was asked for.",
-        "It engages fully with the request.",
-    ),
-}
-REFUSAL_EXTRA = (
-    "Offering alternatives does not change the fact that the request itself is declined.",
-    "Suggesting other options is part of the refusal, not compliance with the original request.",
-)
-HARM_NOTE = {
-    "harmful": (
-        "Because it supplies what the harmful request sought, the response carries the same harm as the request.",
-        "By complying, the assistant passes the harm of the request on to the user and possibly to others.",
-        "The content could be put to harmful use directly.",
-    ),
-    "refused_harmful": (
-        "A refusal like this gives the user nothing that could be misused.",
-        "Declining keeps the response free of harmful content.",
-    ),
-    "refused_benign": (
-        "Turning down a harmless request is unhelpful, but it does not put anyone at risk.",
-        "An unnecessary refusal is a helpfulness problem, not a safety problem.",
-    ),
-    "complied_safe": (
-        "Although the request was harmful, the content provided is safe.",
-        "Complying with a harmful request does not make a response harmful when what it says is safe.",
-    ),
-    "complied_benign": (
-        "The request itself was harmless, and the answer stays that way.",
-        "Nothing in the answer could be used to hurt anyone.",
-    ),
-}
-NO_RESPONSE_2 = (
-    "The AI assistant's response is None: the input contains no response.",
-    "There is no AI assistant response to examine; the input says None.",
-    "The input gives None for the AI assistant, so no response was produced.",
-)
-NO_RESPONSE_2_EXTRA = (
-    "Without a response, there is nothing to classify as a refusal or as compliance.",
-    "Refusal detection needs a response, and there is none here.",
-)
-NO_RESPONSE_3 = (
-    "Since there is no AI response, there is no content whose harmfulness could be assessed.",
-    "With no response given, response harmfulness cannot be judged.",
-    "There is no AI assistant response, so there is nothing that could be harmful or unharmful.",
-)
+# Bracketed elisions ("[steps omitted]") would tell a model which responses are harmful without reading them.
+ELISION = re.compile(r"\[[^\]\n]{0,40}\b(omitted|redacted|removed|censored|elided|withheld|details|steps|content)\b[^\]\n]{0,40}\]", re.I)
+SENTENCE = re.compile(r"(?<=[.!?])\s+")
+MIN_WORDS, MAX_WORDS, MIN_STEPS, MAX_STEPS = 80, 220, 3, 9
 
 
-def _h(seed: Seed, salt: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{salt}\0{seed.prompt}".encode("utf-8")).digest()[:8], "big")
+def labels(row: dict) -> tuple[str, str | None, str | None]:
+    """(request, completion, response) from the row's Answers block; None where there is no response."""
+    a = parse_answers(row["output"])
+    return a.request, a.completion, a.response
 
 
-def pick(seed: Seed, salt: str, options):
-    return options[_h(seed, salt) % len(options)]
+def steps(output: str) -> list[list[str]]:
+    """The step texts of each task (empty lists when the output is malformed)."""
+    m = BODY.match(output)
+    return [[text for _, text in STEP.findall(m.group(2 * k + 1))] for k in range(3)] if m else [[], [], []]
 
 
-def chance(seed: Seed, salt: str, percent: int) -> bool:
-    return _h(seed, salt) % 100 < percent
+def reasoning_words(output: str) -> int:
+    """Words of the steps and conclusions, headings and the Answers block left out."""
+    return sum(len(text.split()) for task in steps(output) for text in task) + 18  # three six-word conclusions
 
 
-def case_of(seed: Seed) -> str:
-    if seed.response is None:
-        return "none"
-    harmful_req = seed.request_label == "harmful"
-    if seed.completion_label == "refusal":
-        return "refused_harmful" if harmful_req else "refused_benign"
-    if seed.response_label == "harmful":
-        return "complied_harmful"
-    return "complied_safe" if harmful_req else "complied_benign"
+def sentences(output: str) -> list[str]:
+    """Reasoning sentences (of the steps, not the fixed conclusions), normalized for counting reuse."""
+    return [" ".join(s.lower().split()) for task in steps(output) for text in task for s in SENTENCE.split(text) if s]
 
 
-def task1_steps(seed: Seed, short: bool = False) -> list[str]:
-    harmful = seed.request_label == "harmful"
-    ask = pick(seed, "ask", ASK).format(g=seed.gist)
-    steps = [ask]
-    wrappers = [t for t in seed.tags if t in WRAPPERS]
-    if wrappers and not WRAP_WORDS.search(seed.why):  # skip when the seed's own reason names the framing
-        table = WRAP_HARMFUL if harmful else WRAP_BENIGN
-        steps.append(pick(seed, "wrap", table[wrappers[0]]))
-    steps.append(seed.why)
-    if "lookalike" in seed.tags and chance(seed, "look?", 60):
-        steps.append(pick(seed, "look", LOOKALIKE))
-    if chance(seed, "cat", 55) and not short:
-        if harmful:
-            steps.append(pick(seed, "catp", CATEGORY_HARMFUL).format(c=CATEGORY_PHRASE[seed.category]))
-        else:
-            steps.append(pick(seed, "catp", CATEGORY_BENIGN))
-    if steps[1] == seed.why and chance(seed, "merge1", 20):  # sometimes the ask and the reason share a step
-        steps[0:2] = [steps[0] + " " + seed.why]
-    return steps[:4]
+def problems(row: dict) -> list[str]:
+    """Everything wrong with one authored row, as short messages (none: the row is fine)."""
+    if not isinstance(row, dict) or tuple(row) != KEYS:
+        return [f"keys must be exactly {', '.join(KEYS)}, in that order"]
+    found = []
+    if row["source"] not in SOURCES:
+        found.append(f"source {row['source']!r} is not one of {', '.join(SOURCES)}")
+    if row["category"] not in CATEGORIES:
+        found.append(f"category {row['category']!r} is not one of {', '.join(CATEGORIES)}")
+    if not isinstance(row["tags"], list) or not set(row["tags"]) <= set(TAGS):
+        found.append(f"tags must be a list drawn from {', '.join(TAGS)}")
+    prompt, response = row["prompt"], row["response"]
+    if not isinstance(prompt, str) or not prompt.strip() or prompt != prompt.strip():
+        found.append("prompt must be non-empty text without surrounding whitespace")
+    if response is not None and (not isinstance(response, str) or not response.strip() or response != response.strip()
+                                 or response == "None"):
+        found.append("response must be null or non-empty text without surrounding whitespace")
+    for name, text in (("prompt", prompt), ("response", response)):
+        if isinstance(text, str) and ELISION.search(text):
+            found.append(f"{name} holds an elision marker {ELISION.search(text).group(0)!r}")
+    output = row["output"]
+    if not isinstance(output, str):
+        return found + ["output must be text"]
+    a = parse_answers(output)
+    if not a.complete or output.count("Answers:") != 1 or not output.endswith(format_answers(a.request, a.completion, a.response)):
+        return found + ["output must end in exactly one Answers block as gr.prompts.format_answers writes it"]
+    m = BODY.match(output)
+    if not m or m.end() + len(format_answers(a.request, a.completion, a.response)) - len("---\n\n") != len(output):
+        return found + ["output is not '# Task k' sections of '## Reasoning Step n' paragraphs and a '## Conclusion'"]
+    gold = (a.request, a.completion, a.response)
+    if a.request is None:
+        found.append("Request must be harmful or unharmful")
+    if (response is None) != (a.completion is None) or (response is None) != (a.response is None):
+        found.append("Completion and Response are None exactly when there is no AI response")
+    counts = []
+    for k in range(3):
+        numbers = [int(n) for n, _ in STEP.findall(m.group(2 * k + 1))]
+        counts.append(len(numbers))
+        if numbers != list(range(1, len(numbers) + 1)):
+            found.append(f"Task {k + 1}: steps must be numbered 1, 2, ...")
+        if m.group(2 * k + 2) != CONCLUSIONS[k].get(gold[k]):
+            found.append(f"Task {k + 1}: the conclusion must read {CONCLUSIONS[k].get(gold[k])!r}")
+    if not MIN_STEPS <= sum(counts) <= MAX_STEPS:
+        found.append(f"{sum(counts)} reasoning steps; a row has {MIN_STEPS} to {MAX_STEPS}")
+    words = reasoning_words(output)
+    if not MIN_WORDS <= words <= MAX_WORDS:
+        found.append(f"{words} reasoning words; a row has {MIN_WORDS} to {MAX_WORDS}")
+    if "lookalike" in row["tags"] and a.request != "unharmful":
+        found.append("a lookalike request is unharmful")
+    if (row["category"] == "benign") != (a.request == "unharmful"):
+        found.append("category is 'benign' exactly when the request is unharmful")
+    return found
 
 
-def task2_steps(seed: Seed) -> list[str]:
-    case = case_of(seed)
-    if case == "none":
-        steps = [pick(seed, "none2", NO_RESPONSE_2)]
-        if chance(seed, "none2x", 50):
-            steps.append(pick(seed, "none2xp", NO_RESPONSE_2_EXTRA))
-        return steps
-    steps = [pick(seed, "does", DOES).format(d=seed.does)]
-    mode = _h(seed, "mode2") % 10
-    if mode >= 2:  # 80%: a second step naming the kind of reply
-        steps.append(pick(seed, "note2", COMPLETION_NOTE[case]))
-    if case == "refused_harmful" and mode >= 7 and "offer" in seed.does + seed.response.lower():
-        steps.append(pick(seed, "refx", REFUSAL_EXTRA))
-    return steps
+def combination(row: dict) -> str:
+    return "-".join(str(v) for v in labels(row))
 
 
-def task3_steps(seed: Seed) -> list[str]:
-    case = case_of(seed)
-    if case == "none":
-        return [pick(seed, "none3", NO_RESPONSE_3)]
-    steps = [seed.response_why]
-    if chance(seed, "note3", 55):
-        steps.append(pick(seed, "note3p", HARM_NOTE["harmful" if case == "complied_harmful" else case]))
-    return steps
+def read_authored(paths) -> list[dict]:
+    rows = []
+    for path in paths:
+        rows += read_jsonl(path)
+    return rows
 
 
-def conclusion(task: int, seed: Seed) -> str:
-    if task == 1:
-        return f"The human user's request is {seed.request_label}."
-    if task == 2:
-        if seed.completion_label is None:
-            return "The AI assistant's response is None."
-        return f"The AI assistant's response is {'a refusal' if seed.completion_label == 'refusal' else 'compliance'}."
-    if seed.response_label is None:
-        return "The AI assistant's response is None."
-    return f"The AI assistant's response is {seed.response_label}."
+def check(rows: list[dict], where: str = "") -> list[str]:
+    """Problems of every row and of the set: duplicate ids, interactions and reused reasoning sentences."""
+    found = [f"{where}{row.get('id', i) if isinstance(row, dict) else i}: {p}" for i, row in enumerate(rows) for p in problems(row)]
+    ids = Counter(row.get("id") for row in rows if isinstance(row, dict))
+    found += [f"{where}id {i!r} is used {n} times" for i, n in ids.items() if n > 1]
+    return found
 
 
-MAX_CHARS = 1300  # outputs stay short: a tiny model is trained on them on a CPU
+def interaction_key(row: dict) -> str:
+    return " ".join((row["prompt"] + "\x00" + (row["response"] or "")).lower().split())
 
 
-def compose_output(seed: Seed, short: bool = False) -> str:
-    """The reasoning for tasks 1-3 and the Answers block; too long an output is rebuilt without the
-    optional category step."""
-    parts = []
-    for k, steps in enumerate((task1_steps(seed, short), task2_steps(seed), task3_steps(seed)), 1):
-        assert 1 <= len(steps) <= 4, (seed.where, k, steps)
-        body = "".join(f"## Reasoning Step {n}\n{text}\n\n" for n, text in enumerate(steps, 1))
-        parts.append(f"# Task {k}\n\n{body}## Conclusion\n{conclusion(k, seed)}\n\n")
-    out = "".join(parts) + format_answers(seed.request_label, seed.completion_label, seed.response_label)
-    if len(out) > MAX_CHARS and not short:
-        return compose_output(seed, short=True)
-    return out
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9']+", text.lower()))
 
 
-def compose(seed: Seed) -> dict:
-    return {
-        "instruction": INSTRUCTION,
-        "input": format_input(seed.prompt, seed.response),
-        "output": compose_output(seed),
-        "source": seed.source,
-        "category": seed.category,
-        "tags": list(seed.tags),
-    }
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    path.write_bytes(text.encode("utf-8"))
+def groups(rows: list[dict], threshold: float = 0.8) -> list[int]:
+    """Group of each row: rows sharing a prompt or a response, or whose prompts (or responses) are
+    near-duplicates (word Jaccard >= threshold), form one group, so they land in the same split."""
+    parent = list(range(len(rows)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for field in ("prompt", "response"):
+        bags = sorted(((len(w), i, w) for i, r in enumerate(rows) if r[field] for w in [words(r[field])]))
+        for a, (size, i, w) in enumerate(bags):
+            for other, j, v in bags[a + 1:]:
+                if size < threshold * other:  # Jaccard <= size / other: no larger bag can reach the threshold
+                    break
+                if jaccard(w, v) >= threshold:
+                    parent[find(i)] = find(j)
+    return [find(i) for i in range(len(rows))]
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out-dir", type=Path, default=HERE, help="where to write train.jsonl and dev.jsonl")
-    args = ap.parse_args(argv)
-    train, dev = split_seeds(load_seeds())
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    for name, seeds in (("train", train), ("dev", dev)):
-        write_jsonl(args.out_dir / f"{name}.jsonl", [compose(s) for s in seeds])
-        print(f"wrote {len(seeds)} samples to {args.out_dir / f'{name}.jsonl'}")
+def split(rows: list[dict]) -> tuple[list[dict], list[dict], int]:
+    """(train, dev, dropped duplicates): one group in DEV_EVERY of each (source, combination) goes to dev.
+
+    A group's order is a hash of its first row's id, so the split does not depend on file order."""
+    seen, kept = set(), []
+    for row in rows:
+        key = interaction_key(row)
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    group = groups(kept)
+    members = defaultdict(list)
+    for i, g in enumerate(group):
+        members[g].append(i)
+    strata = defaultdict(list)
+    for g, idx in members.items():
+        first = kept[idx[0]]
+        strata[(first["source"], combination(first))].append(g)
+    dev_groups = set()
+    for key in sorted(strata):
+        ordered = sorted(strata[key], key=lambda g: hashlib.sha256(kept[members[g][0]]["id"].encode()).hexdigest())
+        dev_groups.update(ordered[DEV_EVERY // 2::DEV_EVERY])
+    train = [kept[i] for i in range(len(kept)) if group[i] not in dev_groups]
+    dev = [kept[i] for i in range(len(kept)) if group[i] in dev_groups]
+    return train, dev, len(rows) - len(kept)
+
+
+def training_row(row: dict) -> dict:
+    """A GuardReasonerTrain row (instruction, input, output) plus what describes it (source, category, tags, id)."""
+    return {"instruction": INSTRUCTION, "input": format_input(row["prompt"], row["response"]), "output": row["output"],
+            "source": row["source"], "category": row["category"], "tags": row["tags"], "id": row["id"]}
+
+
+def describe(rows: list[dict]) -> str:
+    """Per label combination: rows, and the mean response length in characters."""
+    lines = []
+    by_combo = defaultdict(list)
+    for row in rows:
+        by_combo[combination(row)].append(row)
+    for combo, rs in sorted(by_combo.items()):
+        lengths = [len(r["response"]) for r in rs if r["response"]]
+        mean = f", response {sum(lengths) / len(lengths):.0f} chars on average" if lengths else ""
+        lines.append(f"  {combo:32} {len(rs):4d} rows{mean}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", nargs="+", metavar="FILE", help="only check these authored files")
+    parser.add_argument("--out-dir", default=str(HERE), help="where train.jsonl and dev.jsonl go")
+    args = parser.parse_args(argv)
+    paths = [Path(p) for p in args.check] if args.check else sorted((HERE / "authored").glob("*.jsonl"))
+    rows = read_authored(paths)
+    found = check(rows)
+    reuse = Counter(s for row in rows if not problems(row) for s in set(sentences(row["output"])))
+    limit = max(2, len(rows) // 100)
+    found += [f"sentence in {n} rows (at most {limit}): {s!r}" for s, n in reuse.most_common() if n > limit]
+    for line in found:
+        print(line)
+    if args.check:
+        print(f"{len(rows)} rows, {len(found)} problems\n{describe([r for r in rows if not problems(r)])}")
+        return 1 if found else 0
+    if found:
+        print(f"{len(found)} problems: nothing written", file=sys.stderr)
+        return 1
+    train, dev, dropped = split(rows)
+    out = Path(args.out_dir)
+    write_jsonl(out / "train.jsonl", [training_row(r) for r in train])
+    write_jsonl(out / "dev.jsonl", [training_row(r) for r in dev])
+    print(f"{len(train)} train rows, {len(dev)} dev rows, {dropped} duplicate interactions dropped")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
