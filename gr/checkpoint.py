@@ -135,10 +135,10 @@ def load_model(path_or_id, dtype: torch.dtype = torch.float32, device="cpu") -> 
         raise GRError(f"{folder}/config.json describes a '{hf.get('model_type')}' model; only LLaMA models load")
     try:
         cfg = config_from_hf(hf)
-    except (TypeError, ValueError) as e:
+        with torch.device("meta"):
+            model = Transformer(cfg)
+    except (TypeError, ValueError, RuntimeError) as e:
         raise GRError(f"{folder}/config.json does not describe a LLaMA model ({e})") from None
-    with torch.device("meta"):
-        model = Transformer(cfg)
     expected = dict(model.named_parameters())  # tied weights appear once, under their first name
     state = {}
     for file in weight_files(folder):

@@ -130,31 +130,33 @@ class JsonlAppender:
 
 
 def check_writable(path) -> None:
-    """Fail now, with one line, if a file cannot be created at `path` (not when results are ready)."""
+    """Fail now, with one line, if a file cannot be written at `path` (not when the results are ready)."""
     path = Path(path)
     if path.is_dir():
         raise GRError(f"{path} is a folder, not a file")
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise GRError(f"cannot create the folder {folder}: {e.strerror or e}") from None
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    existing = path.resolve().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise GRError(f"cannot write {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise GRError(f"cannot write {path}: permission denied")
 
 
 def check_out_dir(path) -> Path:
-    """An output folder must be a folder with a name (not '.' or '..') that can be written."""
+    """An output folder must be a folder with a name of its own (not '.' or '..') that can be written."""
     path = Path(path)
     resolved = path.resolve()
     if path.name in ("", ".", "..") or resolved == resolved.parent:
         raise GRError(f"--out {path} names no folder of its own: give a new or existing folder, e.g. out/run")
     if path.exists() and not path.is_dir():
         raise GRError(f"--out {path} is a file, not a folder")
-    parent = resolved.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(resolved if resolved.exists() else parent, os.W_OK):
+    existing = resolved
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise GRError(f"--out {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK):
         raise GRError(f"--out {path} cannot be written: permission denied")
     return path
 

@@ -80,6 +80,39 @@ def test_missing_files_give_clear_errors(tmp_path):
         load_model(tmp_path / "empty")
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("half weights", "cannot be read as safetensors"),
+    ("empty weights", "cannot be read as safetensors"),
+    ("config not JSON", "config.json is not valid JSON"),
+    ("config not an object", "config.json is not a JSON object"),
+    ("config not LLaMA", "does not describe a LLaMA model"),
+])
+def test_a_damaged_folder_is_one_clear_error(tmp_path, damage, message):
+    folder = hf_tiny(tmp_path)
+    weights, config = folder / "model.safetensors", folder / "config.json"
+    if damage == "half weights":
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    elif damage == "empty weights":
+        weights.write_bytes(b"")
+    elif damage == "config not JSON":
+        config.write_text(config.read_text()[:40])
+    elif damage == "config not an object":
+        config.write_text("[1, 2]")
+    else:
+        config.write_text(json.dumps(dict(json.loads(config.read_text()), hidden_size="big")))
+    with pytest.raises(GRError, match=message):
+        load_model(folder)
+
+
+def test_an_unfinished_run_points_at_its_checkpoint(tmp_path):
+    """After train_sft.py --max-steps, the run's folder holds a resume checkpoint and no model yet."""
+    run = tmp_path / "sft"
+    shutil.copytree(hf_tiny(tmp_path), run / "checkpoint")
+    with pytest.raises(GRError, match=f"{run} holds an unfinished training run.*use its last checkpoint, {run / 'checkpoint'}"):
+        load_model(run)
+    assert load_model(run / "checkpoint") is not None
+
+
 def fake_hub_cache(hf_home, repo_id, files_from):
     """Lay out a folder the way huggingface_hub's cache stores a downloaded snapshot."""
     repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))

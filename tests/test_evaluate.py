@@ -16,9 +16,7 @@ from gr.evaluate import dev_metrics, dev_scores, main
 from gr.guard import Guard, fit_prompt, prompt_budget
 from gr.scoring import score_files, weighted_average
 from gr.generate import complete
-from gr.model import Transformer
 from gr.prompts import INSTRUCTION, format_answers, format_input, raw_prompt, split_input
-from gr.tokenizer import Tokenizer
 
 BENCH = SHARED / "benchmarks"
 RELEASED = BENCH / "predictions-1B"
@@ -247,3 +245,66 @@ def test_prompt_budget_keeps_room_for_the_output():
     assert prompt_budget(131072, 2048) == 129024  # Llama 3: the paper's 2048 new tokens
     assert prompt_budget(2048, 2048) == 1024  # a short context: the output gets at most half
     assert prompt_budget(512, 8) == 504
+
+
+def test_an_empty_prediction_file_is_an_error_not_f1_zero(tmp_path):
+    (tmp_path / "SimpleSafetyTests.jsonl").write_text("\n")
+    with pytest.raises(GRError, match="holds no predictions"):
+        score_files([tmp_path])
+
+
+def test_line_and_paragraph_separators_inside_strings_score_like_plain_text(tmp_path):
+    """U+0085, U+2028 and U+2029 are legal unescaped inside JSON strings (the released HarmBenchResponse
+    predictions hold a U+0085); they must not split a line."""
+    pairs = [("harmful", "harmful"), ("harmful", "unharmful"), ("unharmful", "harmful"), ("unharmful", "unharmful")]
+    for name, extra in (("plain", ""), ("odd", "\u0085 and \u2028 and \u2029")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "SimpleSafetyTests.jsonl").write_text("".join(
+            json.dumps({"prompt": f"p{extra}", "label": gold, "predict": f"Step{extra}\n" + answers(request=pred)},
+                       ensure_ascii=False) + "\n" for gold, pred in pairs), encoding="utf-8")
+    odd = (tmp_path / "odd" / "SimpleSafetyTests.jsonl").read_text(encoding="utf-8")
+    assert len(odd.splitlines()) > len(pairs)  # str.splitlines() would have cut these lines
+    assert score_files([tmp_path / "odd"]) == score_files([tmp_path / "plain"])
+
+
+def test_run_generates_each_interaction_once_and_resumes(guard, tmp_path, monkeypatch):
+    """The two XSTest files share their interactions: one generation each. A second run generates nothing,
+    and a run killed mid-way keeps what it generated."""
+    folder, model, tok = guard
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    shared = [{"instruction": INSTRUCTION, "input": format_input(f"question {i}", f"answer {i}")} for i in range(5)]
+    (bench / "0_6_xstest_response_harmful.json").write_text(json.dumps([dict(r, output="unharmful") for r in shared]))
+    (bench / "0_7_xstest_response_refusal.json").write_text(json.dumps([dict(r, output="compliance") for r in shared]))
+    generated, real = [], Guard.generate
+
+    def counting(self, prompts, **kw):
+        if len(generated) >= 2 and kill:
+            raise KeyboardInterrupt
+        generated.append(len(prompts))
+        return real(self, prompts, **kw)
+
+    monkeypatch.setattr(Guard, "generate", counting)
+    args = ["run", "--model", str(folder), "--benchmarks", "XSTestReponseHarmful", "XSTestResponseRefusal",
+            "--benchmark-dir", str(bench), "--out", str(tmp_path / "out"), "--max-new-tokens", "4", "--batch-size", "2"]
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert sum(generated) == 4 and len((tmp_path / "out" / "generations.jsonl").read_text().splitlines()) == 4
+    kill, generated[:] = False, []
+    main(args)
+    assert generated == [1]  # the fifth interaction only, once for both benchmarks
+    lines = [json.loads(line) for line in (tmp_path / "out" / "XSTestResponseRefusal.jsonl").read_text().splitlines()]
+    expected = complete(model, tok, [r["instruction"] + "\n" + r["input"] for r in shared], max_new_tokens=4)
+    assert [line["predict"] for line in lines] == [c[0].text for c in expected]
+    generated[:] = []
+    main(args)
+    assert generated == []
+
+
+def test_run_checks_its_out_folder_before_loading_the_model(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exit:
+        main(["run", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "file")])
+    assert exit.value.code == 2

@@ -8,13 +8,11 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, tiny_guard
 from gr.checkpoint import load_model, load_tokenizer
 from gr.generate import complete, generate
-from gr.model import Transformer
+from gr.guard import Guard
 from gr.prompts import raw_prompt
-from gr.tokenizer import Tokenizer
-from conftest import tiny_guard
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +95,17 @@ def test_long_input_is_cut_with_a_warning_and_the_framing_kept(guard, tmp_path):
                        f"context of 512 leaves for it; cut {cut} tokens off the end of the user's text"]
 
 
-@pytest.mark.parametrize("case", ["empty prompt", "missing file", "a folder", "not JSON", "no prompt", "empty response"])
+@pytest.mark.parametrize("case", ["empty prompt", "missing file", "a folder", "not JSON", "no prompt", "empty response",
+                                  "not an object", "out is a folder", "out under a file", "device mps"])
 def test_bad_input_gives_one_line_and_exit_2(case, tmp_path):
     path = tmp_path / "in.jsonl"
     lines = {"not JSON": ['{"prompt": "a"}', "{prompt: b}"], "no prompt": ['{"prompt": "a"}', "", '{"prompt": 5}'],
-             "empty response": ['{"prompt": "a", "response": " "}']}
-    if case in lines:
-        path.write_text("\n".join(lines[case]) + "\n")
-    args = ["  "] if case == "empty prompt" else ["--file", tmp_path if case == "a folder" else path]
+             "empty response": ['{"prompt": "a", "response": " "}'], "not an object": ['{"prompt": "a"}', '["b"]']}
+    if case != "missing file":
+        path.write_text("\n".join(lines.get(case, ['{"prompt": "a"}'])) + "\n")
+    args = {"empty prompt": ["  "], "a folder": ["--file", tmp_path], "out is a folder": ["--file", path, "--out", tmp_path],
+            "out under a file": ["--file", path, "--out", path / "out.jsonl"],
+            "device mps": ["--file", path, "--device", "mps"]}.get(case, ["--file", path])
     rc, out, err = infer(*args, "--model", tmp_path / "no-model")  # input is checked before the model loads
     message = {
         "empty prompt": "the prompt is empty: give the user's request to judge",
@@ -113,6 +114,10 @@ def test_bad_input_gives_one_line_and_exit_2(case, tmp_path):
         "not JSON": f"{path}:2 is not valid JSON (Expecting property name enclosed in double quotes)",
         "no prompt": f'{path}: line 3 has no string "prompt" (lines are {{"prompt": ..., "response": ...}})',
         "empty response": f"{path}: line 1: the response is empty: leave it out when there is no AI response",
+        "not an object": f"{path}:2 is not a JSON object",
+        "out is a folder": f"{tmp_path} is a folder, not a file",
+        "out under a file": f"cannot write {path / 'out.jsonl'}: {path} is a file",
+        "device mps": "--device mps is not supported: use cpu or cuda (cuda:N for one GPU of several)",
     }[case]
     assert (rc, out, err) == (2, "", f"error: {message}\n")
 
@@ -144,3 +149,35 @@ def test_streaming_prints_whole_characters_as_they_complete(guard, monkeypatch):
                                                              "flush": lambda self: None})())
     result = infer.guard_one(Guard(model, tok, max_new_tokens=8), "Hi", None, "model", stream=True)
     assert chunks == ["a", "✓", "b", "✓", "\n"] and result["output"] == "a✓b✓"
+
+
+def test_file_results_are_written_as_they_are_made_and_a_rerun_continues(guard, tmp_path, monkeypatch, capsys):
+    """A run killed after its first batch keeps that batch's lines; the rerun judges only the rest."""
+    import infer
+
+    folder, model, tok = guard
+    rows = [{"prompt": f"question {i}"} for i in range(6)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    args = ["--file", str(tmp_path / "in.jsonl"), "--out", str(out), "--model", str(folder), "--max-new-tokens", "4",
+            "--batch-size", "1"]  # a chunk of four interactions per write
+    judged, real = [], Guard.judge
+
+    def killed_after_one_chunk(self, interactions, **kw):
+        if judged:
+            raise KeyboardInterrupt
+        judged.append(len(interactions))
+        return real(self, interactions, **kw)
+
+    monkeypatch.setattr(Guard, "judge", killed_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        infer.main(args)
+    assert [json.loads(line)["line"] for line in out.read_text().splitlines()] == [1, 2, 3, 4]
+    judged.clear()
+    monkeypatch.setattr(Guard, "judge", lambda self, interactions, **kw: judged.append(len(interactions)) or real(self, interactions, **kw))
+    infer.main(args)
+    assert judged == [2] and "already holds 4 of these lines" in capsys.readouterr().err
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["line"] for r in results] == [1, 2, 3, 4, 5, 6]
+    expected = complete(model, tok, [raw_prompt(r["prompt"]) for r in rows], max_new_tokens=4)
+    assert [r["output"] for r in results] == [c[0].text for c in expected]

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, tiny_guard
 from gr.checkpoint import load_model, load_tokenizer
-from gr import mining
+from gr import GRError, mining
 from gr.mining import HardSample, find_hard, load_hard_samples, merge_ensemble, normalize_weights, sample_outputs, summarize
 from gr.guard import Guard
 from gr.model import Transformer
@@ -139,3 +139,27 @@ def test_train_dpo_end_to_end_on_given_hard_samples(guard, tmp_path):
         ours = load_model(run)(x)
         assert (ref(x).logits - ours).abs().max().item() <= 1e-4
         assert (ours - model(x)).abs().max().item() > 1e-3  # it did train
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--k", "0"], "--k must be at least 2, not 0"),
+    (["--k", "1"], "--k must be at least 2, not 1"),
+    (["--hard-samples", "{not_json}"], "is not valid JSON"),
+    (["--hard-samples", "{not_hard}"], "is not a hard sample"),
+    (["--hard-samples", "{empty}"], "holds no hard samples"),
+    (["--data", "{missing}"], "no such file"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--beta", "0"], "--beta must be above 0"),
+])
+def test_train_dpo_checks_everything_before_any_training_or_mining(tmp_path, args, message):
+    """No R-SFT model exists at the preset's path: a bad setting must fail before train_dpo trains one."""
+    import train_dpo
+
+    (tmp_path / "not_json.jsonl").write_text("{oops\n")
+    (tmp_path / "not_hard.jsonl").write_text(json.dumps({"row": {"input": "x"}, "chosen": 1}) + "\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    args = [a.format(**{n: tmp_path / f"{n}.jsonl" for n in ("not_json", "not_hard", "empty", "missing")}) for a in args]
+    out = tmp_path / "dpo"
+    with pytest.raises(GRError, match=message):
+        train_dpo.main(args + ["--sft", str(tmp_path / "no-sft"), "--out", str(out)])
+    assert not out.exists() and not (tmp_path / "no-sft").exists()

@@ -369,3 +369,32 @@ def test_user_errors_are_one_clear_line(tmp_path, content, env, message):
     assert len(result.stderr.strip().splitlines()) == 1
     assert re.match(message, result.stderr.strip()), result.stderr
     assert "url-secret" not in result.stderr
+
+
+def test_a_rerun_whose_requests_all_fail_keeps_the_rows_of_the_run_before(teacher, tmp_path):
+    seeds = load_seeds(write_seeds(tmp_path / "seeds.jsonl", SEEDS))
+    out = tmp_path / "out.jsonl"
+    synthesize(seeds, out, base_url=teacher.base_url, api_key=KEY, cache_dir=tmp_path / "cache", backoff=0.001,
+               progress=False)
+    before = out.read_text()
+    assert len(before.splitlines()) == 4
+    # A fresh cache and an endpoint that refuses every connection: every seed fails this time.
+    summary = synthesize(seeds, out, base_url="http://127.0.0.1:9", api_key=KEY, cache_dir=tmp_path / "fresh",
+                         retries=0, timeout=2, progress=False)
+    assert summary.failed == 4 and out.read_text() == before
+
+
+def test_every_reader_of_json_lines_splits_on_newline_only(tmp_path):
+    """U+0085, U+2028 and U+2029 inside strings: each reader of the project gets the lines as written."""
+    from gr.data import load_data
+    from gr.mining import HardSample, load_hard_samples, save_hard_samples
+
+    odd = "one\u0085two\u2028three\u2029four"
+    seeds = write_seeds(tmp_path / "seeds.jsonl", [{"prompt": odd, "request_label": "harmful"}] * 2)
+    assert [s.prompt for s in load_seeds(seeds)] == [odd, odd]
+    rows = [{"instruction": INSTRUCTION, "input": format_input(odd), "output": format_answers("harmful", None, None)}] * 2
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert [r["input"] for r in load_data(str(tmp_path / "rows.jsonl"))] == [rows[0]["input"]] * 2
+    hard = [HardSample(dict(rows[0], source="x"), "request", odd, odd + "!", 0)]
+    save_hard_samples(hard, tmp_path / "hard.jsonl")
+    assert load_hard_samples(tmp_path / "hard.jsonl") == hard

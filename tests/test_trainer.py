@@ -1,13 +1,16 @@
 """The shared training loop: exact resume, logs and plots, and the R-SFT script end to end."""
 
 import json
+import re
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT
+from gr import GRError
 from gr.checkpoint import load_model, load_tokenizer
 from gr.data import Example, IGNORE, load_shipped
 from gr.model import ModelConfig, Transformer
@@ -113,3 +116,64 @@ def test_fine_tuning_smollm2_lowers_the_loss(smollm2, tmp_path):
                       tokenizer_dir=smollm2)
     assert done and len(log) == 3
     assert log[-1]["dev_loss"] < before - 0.1, (before, log[-1]["dev_loss"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "."], "names no folder of its own"),
+    (["--out", ".."], "names no folder of its own"),
+    (["--out", "{file}"], "is a file, not a folder"),
+    (["--out", "{file}/run"], "cannot be created"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1, not 0"),
+    (["--lr", "-1"], "--lr must be above 0, not -1.0"),
+    (["--epochs", "0"], "--epochs must be at least 1, not 0"),
+    (["--cutoff", "5"], "--cutoff must be at least 16, not 5"),
+    (["--max-steps", "-1"], "--max-steps must be at least 0, not -1"),
+    (["--device", "mps"], "--device mps is not supported"),
+    (["--data", "{missing}"], "no such file"),
+    (["--resume"], "nothing to resume"),
+])
+def test_train_sft_checks_settings_before_any_work(tmp_path, args, message):
+    """Each of these once trained (or wrote) first and failed later, or ended in a traceback."""
+    import train_sft
+
+    (tmp_path / "file").write_text("x")
+    args = [a.format(file=tmp_path / "file", missing=tmp_path / "missing.jsonl") for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "run")]
+    with pytest.raises(GRError, match=re.escape(message)):
+        train_sft.main(args + out)
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_a_cutoff_that_leaves_no_output_is_an_error_not_an_untrained_model(tmp_path):
+    import train_sft
+
+    rows = load_shipped()[:4]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(GRError, match="no training row keeps any output within --cutoff 16"):
+        train_sft.main(["--data", str(data), "--dev-size", "1", "--cutoff", "16", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_user_error_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, "train_sft.py", "--out", "."], cwd=ROOT, capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "error: --out . names no folder of its own: give a new or existing folder, e.g. out/run\n"
+
+
+def test_resume_finds_a_checkpoint_a_kill_left_under_its_temporary_name(tmp_path):
+    """Killed while swapping in a newer checkpoint (the fallback's two renames): the newer one is used."""
+    from gr.checkpoint import RESUME_DIR
+    from gr.files import temporary_dir
+
+    log, done = train(tiny_model(), tiny_task(), run(tmp_path, "k", max_steps=4))
+    ckpt = tmp_path / "k" / RESUME_DIR
+    ckpt.rename(temporary_dir(ckpt))  # as if killed after moving the old one away, before moving this one in
+    resumed = tiny_model(seed=5)
+    log_c, done = train(resumed, tiny_task(), run(tmp_path, "k"), resume=True)
+    assert done and [r["step"] for r in log_c] == list(range(1, 7))
+    straight = tiny_model()
+    train(straight, tiny_task(), run(tmp_path, "s2"))
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
