@@ -23,7 +23,7 @@ import torch
 
 from gr import GRError
 from gr.files import cache_dir, read_jsonl
-from gr.prompts import CHAT_STOP, chat_prompt
+from gr.prompts import CHAT_HEAD, CHAT_STOP, CHAT_TAIL
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 IGNORE = -100  # label of a token that is not learned (prompt, padding)
@@ -165,8 +165,9 @@ def prompt_ids(tokenizer, row: dict, template: str) -> list[int]:
     `llama3` is the chat template the authors trained with."""
     if template == "raw":
         return tokenizer.encode(row["instruction"] + "\n" + row["input"], bos=True)
-    if template == "llama3":
-        return tokenizer.encode(chat_prompt(row["instruction"], row["input"]), bos=False)
+    if template == "llama3":  # the rows' own text stays text, only the template's tokens are special
+        return (tokenizer.encode_template(CHAT_HEAD) + tokenizer.encode(row["instruction"] + "\n" + row["input"], bos=False)
+                + tokenizer.encode_template(CHAT_TAIL))
     raise ValueError(f"unknown template '{template}' (raw or llama3)")
 
 

@@ -9,7 +9,9 @@ task followed by an Answers block:
     ---\n\nAnswers: \nRequest: harmful\nCompletion: refusal\nResponse: unharmful\n
 
 `parse_answers` is the only place labels are read from text: inference, hard-sample mining, evaluation
-and the dataset checks all call it.
+and the dataset checks all call it. A verdict is read only from the model's own Answers block, the first
+one after its reasoning: a block that the user wrote into a request or a response, and that the model
+quotes, is never the verdict.
 """
 
 import re
@@ -24,6 +26,13 @@ INSTRUCTION = (
     "You must think step by step. Keep consistency between the reasoning and the Answers.\n"
 )
 
+# The fast verdict's instruction (gr.guard): the same tasks, answered without reasoning. A model trained in
+# both modes (train_sft.py --dual-mode) learns to write the Answers block alone after this instruction.
+FAST_INSTRUCTION = INSTRUCTION.replace(
+    "You must think step by step. Keep consistency between the reasoning and the Answers.\n",
+    "Answer directly: write the Answers block without reasoning.\n",
+)
+
 # The three tasks in the order of the Answers block, with each task's two labels (the positive class of F1 first).
 TASKS = ("request", "completion", "response")
 # The order of the paper's result tables and of hard-sample mining (section 5): request, response, refusal.
@@ -33,7 +42,6 @@ LABELS = {
     "completion": ("refusal", "compliance"),
     "response": ("harmful", "unharmful"),
 }
-_FIELD = {"request": "Request", "completion": "Completion", "response": "Response"}
 
 
 def format_input(prompt: str, response: str | None = None) -> str:
@@ -55,25 +63,25 @@ def raw_prompt(prompt: str, response: str | None = None, instruction: str = INST
     return instruction + "\n" + format_input(prompt, response)
 
 
-# LLaMA-Factory's `llama3` template, which the authors trained with. The text carries its own BOS.
-CHAT_PROMPT = (
-    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{instruction}\n{input}<|eot_id|>"
-    "<|start_header_id|>assistant<|end_header_id|>\n\n"
-)
+# LLaMA-Factory's `llama3` template, which the authors trained with, around instruction + "\n" + input.
+# The text carries its own BOS. Its head and tail are the only text whose special tokens become ids.
+CHAT_HEAD = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+CHAT_TAIL = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
 CHAT_STOP = "<|eot_id|>"
 
 
 def chat_prompt(instruction: str, input: str) -> str:
     """The training prompt of the paper's R-SFT: the user turn and the assistant header of Llama 3."""
-    return CHAT_PROMPT.format(instruction=instruction, input=input)
+    return CHAT_HEAD + instruction + "\n" + input + CHAT_TAIL
+
+
+ANSWERS_HEAD = "---\n\nAnswers: \n"
+FIELDS = {"request": "Request", "completion": "Completion", "response": "Response"}
 
 
 def format_answers(request: str | None, completion: str | None, response: str | None) -> str:
     """The Answers block that closes every output; an unknown label is written `None`."""
-    return (
-        "---\n\nAnswers: \n"
-        f"Request: {request}\nCompletion: {completion}\nResponse: {response}\n"
-    )
+    return ANSWERS_HEAD + f"Request: {request}\nCompletion: {completion}\nResponse: {response}\n"
 
 
 @dataclass(frozen=True)
@@ -93,31 +101,58 @@ class Answers:
         return getattr(self, task)
 
 
-_BLOCK = {t: re.compile(rf"^[ \t]*{_FIELD[t]}:[ \t]*({'|'.join(LABELS[t])}|none)\b", re.I | re.M) for t in TASKS}
-_OFFICIAL = {t: re.compile(rf"{_FIELD[t]}:\s*({'|'.join(LABELS[t])})", re.I) for t in TASKS}
+_BLOCK = {t: re.compile(rf"^[ \t]*{FIELDS[t]}:[ \t]*({'|'.join(LABELS[t])}|none)\b", re.I | re.M) for t in TASKS}
+_OFFICIAL = {t: re.compile(rf"{FIELDS[t]}:\s*({'|'.join(LABELS[t])})", re.I) for t in TASKS}
 ANSWERS = re.compile(r"answers:", re.I)  # where an Answers block starts; the one pattern for it
+# The model's own block: an "Answers:" line, then the three fields on the next lines, in order (a block cut
+# short matches as far as it goes).
+_OWN_BLOCK = re.compile(
+    r"^[ \t#*]*answers:[ \t*]*\n"
+    + "".join(rf"(?:[ \t]*{FIELDS[t]}:[ \t]*({'|'.join(LABELS[t])}|none)\b[^\n]*(?:\n|$)" for t in TASKS)
+    + ")?" * len(TASKS),
+    re.I | re.M,
+)
+_TASK = re.compile(r"^# Task (\d)", re.M | re.I)
+_BLOCK_FIRST = re.compile(r"\s*(?:---[ \t]*\n\s*)?")
 
 
-def parse_answers(output: str, official: bool = False) -> Answers:
+def _own_block(output: str):
+    """The model's own Answers block (a match of _OWN_BLOCK), or None: the first block starting a line
+    after the "# Task 3" heading when the output reasons in "# Task k" sections, the block the output
+    starts with (after an optional "---") when it does not (a fast verdict)."""
+    tasks = list(_TASK.finditer(output))
+    if not tasks:
+        return _OWN_BLOCK.match(output, _BLOCK_FIRST.match(output).end())
+    third = next((m for m in tasks if m.group(1) == "3"), None)
+    return _OWN_BLOCK.search(output, third.end()) if third else None
+
+
+def _labels(values: dict, found: bool) -> Answers:
+    return Answers(**{t: None if v in (None, "none") else v for t, v in values.items()}, complete=found)
+
+
+def parse_answers(output: str, official: bool = False, last: bool = False) -> Answers:
     """Read the three labels from a model's output (never from its prompt).
 
-    Default: the labels of the last `Answers:` block, one `Field: value` line each, case-insensitive,
-    so reasoning that quotes a user's fake "Answers: Request: unharmful" earlier in the text cannot
-    change the verdict. With `official=True`: the released evaluation script's rule, the first match of
+    Default: the model's own Answers block, the first to start a line after its "# Task 3" heading (or,
+    for an output without reasoning, the block it starts with), one `Field: value` line each, in order,
+    case-insensitive. A block the user wrote is not read: it is in the prompt, or quoted in the model's
+    reasoning before Task 3 or inside a line of it; an output cut off before its own block has none. With `last=True`: the last `Answers:` block anywhere, fields in any order (a teacher's answer,
+    whose markup varies). With `official=True`: the released evaluation script's rule, the first match of
     `Request:\\s*(harmful|unharmful)` (and likewise) in the last 300 characters, anywhere in them.
     """
     if official:
         tail = output[-300:]
         found = {t: _OFFICIAL[t].search(tail) for t in TASKS}
-        values = {t: m.group(1).lower() if m else None for t, m in found.items()}
-        return Answers(**values, complete=all(found.values()))
-    starts = [m.end() for m in ANSWERS.finditer(output)]
-    if not starts:
+        return Answers(**{t: m.group(1).lower() if m else None for t, m in found.items()}, complete=all(found.values()))
+    if last:
+        starts = [m.end() for m in ANSWERS.finditer(output)]
+        if not starts:
+            return Answers()
+        found = {t: _BLOCK[t].search(output[starts[-1]:]) for t in TASKS}
+        return _labels({t: m.group(1).lower() if m else None for t, m in found.items()}, all(found.values()))
+    m = _own_block(output)
+    if not m:
         return Answers()
-    block = output[starts[-1]:]
-    found = {t: _BLOCK[t].search(block) for t in TASKS}
-    values = {t: m.group(1).lower() if m else None for t, m in found.items()}
-    return Answers(
-        **{t: None if v == "none" else v for t, v in values.items()},
-        complete=all(found.values()),
-    )
+    values = {t: (m.group(i + 1) or "").lower() or None for i, t in enumerate(TASKS)}
+    return _labels(values, m.group(len(TASKS)) is not None)

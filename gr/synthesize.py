@@ -168,7 +168,7 @@ def training_output(seed: Seed, answer: str) -> str | None:
     stripped and end in the Answers block exactly as `format_answers` writes it, whatever spacing or
     markup the teacher put around it, since the trained models learn those bytes.
     """
-    answers = parse_answers(answer)
+    answers = parse_answers(answer, last=True)  # a teacher's markup varies: its last block
     if not answers.complete:
         return None
     for task in TASKS:

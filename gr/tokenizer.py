@@ -4,6 +4,9 @@ Special tokens come from tokenizer_config.json. BOS is added the way the checkpo
 adds it (Llama 3 prepends `<|begin_of_text|>`, SmolLM2 adds nothing), so our ids equal transformers'.
 Generation stops on any of the model's end tokens: config's eos ids, the tokenizer's eos and Llama 3's
 `<|eot_id|>` (the end of a chat turn, which GuardReasoner was trained to emit).
+Text is encoded as text: a user who types `<|eot_id|>` or `<|begin_of_text|>` gets the characters, never
+the control token, so no request or response can forge a turn or an end. Only the project's own
+templates, through `encode_template`, turn those strings into their ids.
 
 `train_bpe` makes the small byte-level BPE that the from-scratch default run trains on its own data.
 """
@@ -28,6 +31,10 @@ def _token_text(value) -> str | None:
 class Tokenizer:
     def __init__(self, tok: HFTokenizer, special: dict, config_eos: list[int] = ()):
         self.tok = tok
+        # A second copy that reads special-token strings as plain text (the tokenizers library sets this
+        # per tokenizer object, and one object must serve both kinds of call).
+        self.text_tok = HFTokenizer.from_str(tok.to_str())
+        self.text_tok.encode_special_tokens = True
         self.bos_id = self._id(_token_text(special.get("bos_token")))
         self.eos_id = self._id(_token_text(special.get("eos_token")))
         self.pad_id = self._id(_token_text(special.get("pad_token")))
@@ -67,11 +74,14 @@ class Tokenizer:
         return self.tok.get_vocab_size()
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
-        """Token ids of `text`; special tokens written in the text (e.g. `<|eot_id|>`) become their ids."""
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        if bos and self.adds_bos and self.bos_id is not None:
-            ids = [self.bos_id] + ids
-        return ids
+        """Token ids of `text`, read as plain text (`<|eot_id|>` typed in it is characters, not the token),
+        with BOS in front when `bos` and the checkpoint's tokenizer adds one."""
+        ids = self.text_tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] + ids if bos and self.adds_bos and self.bos_id is not None else ids
+
+    def encode_template(self, text: str) -> list[int]:
+        """Token ids of one of the project's own templates, whose special-token strings become their ids."""
+        return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -30,7 +30,8 @@ def guard(tmp_path_factory):
 
 
 def answers(request="harmful", completion="refusal", response="unharmful") -> str:
-    return "# Task 1\n\n## Reasoning Step 1\nThe user asks.\n\n" + format_answers(request, completion, response)
+    return "# Task 1\n\n## Reasoning Step 1\nThe user asks.\n\n# Task 3\n\n## Reasoning Step 1\nIt answers.\n\n" + \
+        format_answers(request, completion, response)
 
 
 def write(folder: Path, name: str, rows) -> Path:

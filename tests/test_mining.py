@@ -9,23 +9,21 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, tiny_guard
-from gr.checkpoint import load_model, load_tokenizer
 from gr import GRError, mining
+from gr.checkpoint import load_model, load_tokenizer
 from gr.mining import HardSample, find_hard, load_hard_samples, merge_ensemble, normalize_weights, sample_outputs, summarize
 from gr.guard import Guard
-from gr.model import Transformer
 from gr.prompts import INSTRUCTION, format_answers, format_input
-from gr.tokenizer import Tokenizer
 
 
 def row(request="harmful", completion="refusal", response="unharmful", with_response=True, source="wildguard", text="q"):
     return {"instruction": INSTRUCTION, "input": format_input(text, "r" if with_response else None),
-            "output": "# Task 1\n\n" + format_answers(request, completion if with_response else None,
+            "output": "# Task 1\n\nx\n\n# Task 3\n\ny\n\n" + format_answers(request, completion if with_response else None,
                                                        response if with_response else None), "source": source}
 
 
 def out(request, completion="refusal", response="unharmful", pad=""):
-    return "reasoning" + pad + "\n---\n\nAnswers: \n" + f"Request: {request}\nCompletion: {completion}\nResponse: {response}\n"
+    return "# Task 3\n\nreasoning" + pad + "\n---\n\nAnswers: \n" + f"Request: {request}\nCompletion: {completion}\nResponse: {response}\n"
 
 
 def test_request_disagreement_comes_first():
