@@ -1,24 +1,27 @@
 """Guard an interaction with a GuardReasoner model: stream its step-by-step reasoning, then the verdict.
 
-    python infer.py "PROMPT" [--response "TEXT"] [--model PATH_OR_HUB_ID] [--json]
-    python infer.py --file IN.jsonl [--out OUT.jsonl] [--batch-size 8]
+    python infer.py "PROMPT" [--response "TEXT"] [--model PATH_OR_HUB_ID] [--json] [--fast]
+    python infer.py --file IN.jsonl [--out OUT.jsonl] [--batch-size 8] [--fast]
 
 The model reads the raw prompt of paper section 2 (instruction + "\\n" + input, BOS added by the
-tokenizer) and decodes greedily, up to 2048 new tokens, as the released models were evaluated (gr.guard).
-With --file, each result is written as soon as its batch is done; with --out, a rerun skips the lines the
-file already holds, so an interrupted run continues where it stopped.
+tokenizer) and decodes greedily, up to 2048 new tokens, as the released models were evaluated (gr.guard);
+--fast skips the reasoning and reads the Answers block from one prefill. Every result carries the labels,
+the probability of each positive label, and the flags parse_error, input_truncated and hit_max_new_tokens.
+With --file, each result is written as soon as its batch is done, and a summary counts the flags; with
+--out, a rerun skips the lines the file already holds, so an interrupted run continues where it stopped.
 """
 
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from gr import GRError, user_errors
 from gr.cli import DTYPES, at_least, check_device
 from gr.files import JsonlAppender, check_writable, dumps, read_jsonl, read_jsonl_lines
 from gr.guard import DEFAULT_MODEL, Guard, Verdict
-from gr.prompts import TASKS
+from gr.prompts import LABELS
 
 
 def check_text(prompt, response, where: str = "") -> None:
@@ -52,11 +55,16 @@ def record(line, prompt, response, model: str, verdict: Verdict) -> dict:
 
 
 def describe(result: dict) -> str:
-    """The short verdict printed after the streamed reasoning."""
-    read = {task: result["labels"][task] or "could not read" for task in TASKS}
-    response = (f"{read['completion']}, {read['response']}" if result["response"] is not None
+    """The short verdict printed after the streamed reasoning: labels, with P(positive) where known."""
+    def read(task):
+        p = result["probabilities"][task]
+        return result["labels"][task] + ("" if p is None else f" (P({LABELS[task][0]}) = {p:.3f})")
+
+    response = (f"{read('completion')}; {read('response')}" if result["response"] is not None
                 else "no response given")
-    return f"Request:  {read['request']}\nResponse: {response}"
+    flags = [name for name in ("parse_error", "hit_max_new_tokens") if result[name]]
+    flags += [f"input_truncated ({result['input_truncated']} tokens cut)"] if result["input_truncated"] else []
+    return f"Request:  {read('request')}\nResponse: {response}" + (f"\nFlags:    {', '.join(flags)}" if flags else "")
 
 
 def warn_cut(verdict: Verdict, guard: Guard, where: str = "") -> None:
@@ -66,7 +74,7 @@ def warn_cut(verdict: Verdict, guard: Guard, where: str = "") -> None:
               "off the end of the user's text", file=sys.stderr)
 
 
-def guard_one(guard: Guard, prompt, response, model: str, stream: bool) -> dict:
+def guard_one(guard: Guard, prompt, response, model: str, stream: bool, fast: bool = False) -> dict:
     """Judge one interaction; with `stream`, print the output to stdout as it is generated."""
     made, shown = [], ""
 
@@ -81,23 +89,27 @@ def guard_one(guard: Guard, prompt, response, model: str, stream: bool) -> dict:
             sys.stdout.flush()
             shown = text
 
-    [verdict] = guard.judge([(prompt, response)], on_token=show if stream else None)
+    [verdict] = guard.judge([(prompt, response)], fast=fast, on_token=show if stream else None)
     if stream:
         sys.stdout.write(verdict.output[len(shown):] + "\n")
     warn_cut(verdict, guard)
     return record(None, prompt, response, model, verdict)
 
 
-def guard_file(guard: Guard, items, path: str, model: str, batch_size: int, write) -> None:
-    """Judge the lines of a file in batches, in file order, handing each result to `write` when made."""
+def guard_file(guard: Guard, items, path: str, model: str, batch_size: int, write, fast: bool = False) -> Counter:
+    """Judge the lines of a file in batches, in file order, handing each result to `write` when made;
+    returns how many results raised each flag."""
     step = batch_size * 4  # a few batches at a time: sorted by length inside, written in order after
+    flags = Counter()
     for start in range(0, len(items), step):
         chunk = items[start:start + step]
-        verdicts = guard.judge([(p, r) for _, p, r in chunk], batch_size=batch_size,
+        verdicts = guard.judge([(p, r) for _, p, r in chunk], batch_size=batch_size, fast=fast,
                                progress=f"guarding {start + len(chunk)}/{len(items)}")
         for (n, p, r), verdict in zip(chunk, verdicts):
             warn_cut(verdict, guard, f"{path}: line {n}: ")
             write(record(n, p, r, model, verdict))
+            flags.update(name for name in ("parse_error", "input_truncated", "hit_max_new_tokens") if getattr(verdict, name))
+    return flags
 
 
 def already_judged(out: Path, items, model: str) -> set[int]:
@@ -131,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="with --file: write the JSON lines here (default: stdout); "
                                                     "a rerun continues an interrupted one")
     parser.add_argument("--batch-size", type=int, default=8, help="with --file: interactions generated together")
+    parser.add_argument("--fast", action="store_true", help="no reasoning: the labels and their probabilities "
+                                                            "from one prefill and a few tokens")
     args = parser.parse_args(argv)
     with user_errors():
         # Everything the user gave is checked before the model loads.
@@ -153,14 +167,17 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{args.out} already holds {len(done)} of these lines; judging the other {len(items)}",
                           file=sys.stderr)
         guard = Guard.load(args.model, args.device, args.dtype, args.max_new_tokens)
-        if args.file is not None and args.out is not None:
-            with JsonlAppender(args.out) as appender:
-                guard_file(guard, items, args.file, args.model, args.batch_size, appender.write)
-        elif args.file is not None:
-            guard_file(guard, items, args.file, args.model, args.batch_size,
-                       lambda row: (sys.stdout.write(dumps(row) + "\n"), sys.stdout.flush()))
-        elif args.json:
-            print(json.dumps(guard_one(guard, args.prompt, args.response, args.model, False), ensure_ascii=False))
+        if args.file is not None:
+            appender = JsonlAppender(args.out) if args.out is not None else None
+            write = appender.write if appender else lambda row: (sys.stdout.write(dumps(row) + "\n"), sys.stdout.flush())
+            flags = guard_file(guard, items, args.file, args.model, args.batch_size, write, args.fast)
+            if appender:
+                appender.close()
+            print(f"judged {len(items)} lines: {flags['parse_error']} parse errors, {flags['input_truncated']} inputs "
+                  f"cut to fit, {flags['hit_max_new_tokens']} outputs stopped at --max-new-tokens", file=sys.stderr)
+        elif args.json or args.fast:
+            result = guard_one(guard, args.prompt, args.response, args.model, False, args.fast)
+            print(json.dumps(result, ensure_ascii=False) if args.json else f"{result['output']}\n=== verdict ===\n{describe(result)}")
         else:
             result = guard_one(guard, args.prompt, args.response, args.model, True)
             print(f"\n=== verdict ===\n{describe(result)}")

@@ -5,9 +5,10 @@ format, score them with the official rules (gr.scoring), and the dev-set figures
     python -m gr.evaluate run --model M [--out DIR]     # generate, write <Benchmark>.jsonl, score
 
 `run` judges each distinct interaction once, whichever benchmarks hold it (the two XSTest files share
-theirs): greedy outputs for instruction + "\\n" + input (BOS added), at most 2048 new tokens as in the paper.
-Outputs are appended to DIR/generations.jsonl as they are made, so a killed run loses at most one batch
-and a rerun generates only what is missing; the prediction files are written from it at the end.
+theirs), through gr.guard: greedy outputs for instruction + "\\n" + input (BOS added), at most 2048 new
+tokens as in the paper, or fast verdicts with --fast. Verdicts are appended to DIR/generations.jsonl as
+they are made, so a killed run loses at most one batch and a rerun judges only what is missing; the
+prediction files are written from it at the end, with each verdict's label probabilities and flags.
 """
 
 import argparse
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from gr import GRError, user_errors
 from gr.cli import DTYPES, at_least
 from gr.data import BENCHMARKS, load_benchmark
-from gr.files import JsonlAppender, check_out_dir, read_jsonl, write_jsonl
+from gr.files import JsonlAppender, check_out_dir, dumps, read_jsonl, write_jsonl
 from gr.guard import Guard
 from gr.prompts import TASKS, parse_answers, split_input
 from gr.scoring import format_tables, score_benchmark, score_files, summary
@@ -30,63 +31,65 @@ from gr.scoring import format_tables, score_benchmark, score_files, summary
 GENERATIONS = "generations.jsonl"
 
 
-def run_key(guard: Guard, model: str) -> str:
-    """A fingerprint of what decides an output besides its prompt: the model (its folder and weight files,
-    or its hub id) and the generation settings. Outputs cached under another key are not reused."""
+def run_key(guard: Guard, model: str, fast: bool) -> str:
+    """A fingerprint of what decides a verdict besides its interaction: the model (its folder and weight
+    files, or its hub id) and the settings. Verdicts cached under another key are not reused."""
     folder = Path(model)
     weights = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.safetensors"))]
     identity = [str(folder.resolve()) if folder.is_dir() else model, weights, guard.max_new_tokens,
-                str(guard.model.lm_head.weight.dtype)]
+                str(guard.model.lm_head.weight.dtype), "fast" if fast else "reasoning"]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 
 def run_benchmarks(guard: Guard, names, out_dir, *, model_id: str, benchmark_dir=None, limit=None,
-                   batch_size: int = 8) -> dict:
-    """Judge every benchmark row (once per distinct interaction), write out_dir/<Benchmark>.jsonl, score."""
+                   batch_size: int = 8, fast: bool = False) -> tuple[dict, float]:
+    """Judge every benchmark row (once per distinct interaction), write out_dir/<Benchmark>.jsonl, score.
+    Returns the scores and the mean seconds per verdict (of the verdicts made by this run and earlier runs)."""
     out_dir = Path(out_dir)
-    benchmarks = {name: load_benchmark(name, benchmark_dir)[:limit] for name in names}  # fail before generating
-    prompts, texts = {}, {}  # fitted prompt text -> tokens cut (one per distinct interaction); texts per benchmark
+    benchmarks = {name: load_benchmark(name, benchmark_dir)[:limit] for name in names}  # fail before judging
+    interactions, keys = {}, {}  # one key per distinct (prompt, response); each benchmark's keys in row order
     for name, rows in benchmarks.items():
-        texts[name] = []
+        keys[name] = []
         for i, row in enumerate(rows):
             try:
-                text, n = guard.prompt(*split_input(row["input"]), row["instruction"])
+                prompt, response = split_input(row["input"])
             except ValueError as e:
                 raise GRError(f"{name} row {i}: {e}") from None
-            prompts[text] = n
-            texts[name].append(text)
-        cut = sum(prompts[t] > 0 for t in texts[name])
+            key = dumps([prompt, response])
+            if key not in interactions:
+                interactions[key] = (prompt, response, *guard.prompt(prompt, response))
+            keys[name].append(key)
+        cut = sum(interactions[k][3] > 0 for k in keys[name])
         if cut:
             print(f"warning: {name}: {cut} prompts were longer than the {guard.budget} tokens the model's context "
                   f"leaves for a prompt; their user text was cut", file=sys.stderr)
-    settings = run_key(guard, model_id)
+    run = run_key(guard, model_id, fast)
     cache = out_dir / GENERATIONS
     done = {}
     if cache.exists():
-        for entry in read_jsonl(cache, partial_ok=True):
-            if entry.get("settings") == settings:
-                done[entry["prompt"]] = entry
-    todo = sorted((p for p in prompts if p not in done), key=len)
+        done = {e["key"]: e for e in read_jsonl(cache, partial_ok=True) if e.get("run") == run}
+    todo = sorted((k for k in interactions if k not in done), key=lambda k: len(interactions[k][2]))
     if done:
-        print(f"{len(prompts) - len(todo)} of {len(prompts)} interactions already judged in {cache}", file=sys.stderr)
+        print(f"{len(interactions) - len(todo)} of {len(interactions)} interactions already judged in {cache}",
+              file=sys.stderr)
     with JsonlAppender(cache) as appender, tqdm(total=len(todo), desc="judging", disable=not todo) as bar:
-        started, tokens = time.perf_counter(), 0
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            for text, [c] in zip(chunk, guard.generate(chunk, batch_size=batch_size)):
-                done[text] = {"settings": settings, "prompt": text, "predict": c.text, "new_tokens": len(c.tokens),
-                              "seconds": round(c.seconds, 3), "input_truncated": prompts[text]}
-                appender.write(done[text])
-                tokens += len(c.tokens)
-            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}", refresh=False)
+            verdicts = guard.judge([interactions[k][:2] for k in chunk], batch_size=batch_size, fast=fast)
+            for key, verdict in zip(chunk, verdicts):
+                done[key] = {"run": run, "key": key, **verdict.as_dict()}
+                appender.write(done[key])
             bar.update(len(chunk))
     results = {}
     for name, rows in benchmarks.items():
-        predictions = [{"prompt": text, "label": row["output"], "predict": done[text]["predict"]}
-                       for text, row in zip(texts[name], rows)]
+        predictions = [{"prompt": interactions[k][2], "label": row["output"], "predict": done[k]["output"],
+                        **{f: done[k][f] for f in ("probabilities", "parse_error", "input_truncated",
+                                                   "hit_max_new_tokens", "seconds")}}
+                       for k, row in zip(keys[name], rows)]
         write_jsonl(out_dir / f"{name}.jsonl", predictions)
         results[name] = score_benchmark(name, predictions, benchmark_rows=rows)
-    return results
+    seconds = sum(done[k]["seconds"] for k in interactions) / len(interactions)
+    return results, seconds
 
 
 def dev_scores(rows: list[dict], outputs: list[str]) -> dict:
@@ -101,16 +104,17 @@ def dev_scores(rows: list[dict], outputs: list[str]) -> dict:
     return {"parse_rate": parse_rate, "accuracy": accuracy, "outputs": outputs}
 
 
-def dev_metrics(guard: Guard, rows: list[dict], *, batch_size: int = 16) -> dict:
-    """Greedy outputs for GuardReasonerTrain-format rows ({instruction, input, output}) and their figures:
+def dev_metrics(guard: Guard, rows: list[dict], *, batch_size: int = 16, fast: bool = False) -> dict:
+    """Verdicts for GuardReasonerTrain-format rows ({instruction, input, output}) and their figures:
     {"parse_rate", "accuracy": {task: share or None}, "outputs"}."""
     was_training = guard.model.training
     guard.model.eval()
     try:
-        outs = guard.generate([row["instruction"] + "\n" + row["input"] for row in rows], batch_size=batch_size)
+        verdicts = guard.judge([split_input(row["input"]) for row in rows], batch_size=batch_size, fast=fast,
+                               probabilities=False)
     finally:
         guard.model.train(was_training)
-    return dev_scores(rows, [o[0].text for o in outs])
+    return dev_scores(rows, [v.output for v in verdicts])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--limit", type=int, default=None, help="only the first N rows of each benchmark")
     run.add_argument("--max-new-tokens", type=int, default=2048, help="new tokens per output (paper: 2048)")
     run.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    run.add_argument("--fast", action="store_true", help="fast verdicts: no reasoning, the Answers block at once")
     run.add_argument("--device", default="cpu", help="cpu or cuda")
     run.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights dtype")
     for p in (score, run):
@@ -142,9 +147,11 @@ def main(argv: list[str] | None = None) -> None:
             out = check_out_dir(args.out or Path("out") / f"eval-{Path(args.model.rstrip('/')).name}")
             JsonlAppender(out / GENERATIONS).close()  # fail now, not after the first batch, if it cannot be written
             guard = Guard.load(args.model, args.device, args.dtype, args.max_new_tokens)
-            results = run_benchmarks(guard, args.benchmarks, out, model_id=args.model, benchmark_dir=args.benchmark_dir,
-                                     limit=args.limit, batch_size=args.batch_size)
-            print(f"predictions written to {out}", file=sys.stderr)
+            results, seconds = run_benchmarks(guard, args.benchmarks, out, model_id=args.model, fast=args.fast,
+                                              benchmark_dir=args.benchmark_dir, limit=args.limit,
+                                              batch_size=args.batch_size)
+            print(f"predictions written to {out}; {seconds:.2f} s per verdict "
+                  f"({'fast' if args.fast else 'with reasoning'}, batches of {args.batch_size})", file=sys.stderr)
     print(json.dumps(summary(results), indent=2) if args.json else format_tables(results))
 
 

@@ -45,13 +45,15 @@ def generate(
     seed: int | list[int] = 0,
     pad_id: int = 0,
     on_token=None,
+    done=None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids); return the new tokens, without the stop token.
 
     With n > 1 each prompt is continued n times (its prefill is computed once and its cache repeated);
     the result holds len(prompts) * n lists, prompt i's samples at i*n ... i*n + n-1. Prompt i is seeded
     by `seed + i`, or by `seed[i]` when `seed` is a list (so callers can make a prompt's samples
-    independent of its batch). `on_token(row, token_id)` is called for every new token as it is made.
+    independent of its batch). `on_token(row, token_id)` is called for every new token as it is made;
+    `done(row, tokens)` may end a row early (a guard stops at the end of its Answers block).
     """
     device = next(model.parameters()).device
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -81,9 +83,10 @@ def generate(
             if t in stops:
                 continue
             out[r].append(t)
-            keep.append(j)
             if on_token is not None:
                 on_token(r, t)
+            if done is None or not done(r, out[r]):
+                keep.append(j)
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < len(active):
@@ -117,13 +120,15 @@ def complete(
     seeds: list[int] | None = None,
     progress: bool | str = False,
     on_token=None,
+    done=None,
 ) -> list[list[Completion]]:
     """Generate for many prompt texts (BOS added as the tokenizer does): a list of n Completions each.
 
     Prompts are batched in order of length, which wastes the least compute on padding; the results
     come back in input order. Prompt i is seeded by `seeds[i]` (default `seed + i`) whatever its batch,
     so its samples do not depend on the batch size or on which prompts share its batch.
-    `on_token(i, token_id)` is called for each new token of prompt i (with n = 1) as it is made.
+    `on_token(i, token_id)` is called for each new token of prompt i (with n = 1) as it is made, and
+    `done(tokens)` may end an output early.
     """
     encoded = [tokenizer.encode(p, bos=True) for p in prompts]
     seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
@@ -140,6 +145,7 @@ def complete(
                 temperature=temperature, top_p=top_p, top_k=top_k, n=n, seed=[seeds[i] for i in chunk],
                 pad_id=tokenizer.pad_id,
                 on_token=None if on_token is None else lambda row, token, chunk=chunk: on_token(chunk[row], token),
+                done=None if done is None else lambda row, tokens: done(tokens),
             )
             share = (time.perf_counter() - began) / len(outs)
             for k, i in enumerate(chunk):

@@ -139,6 +139,26 @@ class KVCache:
             return k, v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (to score another continuation of the same prefix)."""
+        self.next_pos -= self.real[:, length:self.length].sum(1)
+        self.real[:, length:self.length] = False
+        self.length = length
+
+    def copy(self, max_len: int) -> "KVCache":
+        """A new cache holding this one's filled positions, with room for `max_len` (a shared prefix,
+        computed once, starts many sequences)."""
+        new = KVCache.__new__(KVCache)
+        B, H, _, D = self.k[0].shape
+        new.k = [k.new_zeros(B, H, max_len, D) for k in self.k]
+        new.v = [v.new_zeros(B, H, max_len, D) for v in self.v]
+        for mine, theirs in zip(new.k + new.v, self.k + self.v):
+            mine[:, :, :self.length] = theirs[:, :, :self.length]
+        new.real = self.real.new_zeros(B, max_len)
+        new.real[:, :self.length] = self.real[:, :self.length]
+        new.next_pos, new.length, new.padded = self.next_pos.clone(), self.length, self.padded
+        return new
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (in this order): drops finished rows, or repeats rows for n samples."""
         self.k = [k.index_select(0, rows) for k in self.k]

@@ -127,6 +127,12 @@ def _own_block(output: str):
     return _OWN_BLOCK.search(output, third.end()) if third else None
 
 
+def own_block_start(output: str) -> int | None:
+    """Where the model's own Answers block starts in `output` (see parse_answers), or None."""
+    m = _own_block(output)
+    return m.start() if m else None
+
+
 def _labels(values: dict, found: bool) -> Answers:
     return Answers(**{t: None if v in (None, "none") else v for t, v in values.items()}, complete=found)
 

@@ -13,7 +13,7 @@ from conftest import ROOT, SHARED, tiny_guard
 from gr.checkpoint import load_model, load_tokenizer
 from gr import GRError
 from gr.evaluate import dev_metrics, dev_scores, main
-from gr.guard import Guard, fit_prompt, prompt_budget
+from gr.guard import Guard
 from gr.scoring import score_files, weighted_average
 from gr.generate import complete
 from gr.prompts import INSTRUCTION, format_answers, format_input, raw_prompt, split_input
@@ -166,29 +166,6 @@ def test_bad_prediction_files_give_one_clear_error(tmp_path, capsys):
                                       "'predict' (prediction lines are {prompt, label, predict})\n"
 
 
-def test_fit_prompt_cuts_the_user_text_and_keeps_the_framing(guard):
-    _, _, tok = guard
-    text, cut = fit_prompt(tok, "short", None, 512)
-    assert (text, cut) == (raw_prompt("short"), 0)
-    prompt = "bake bread " * 300
-    for response, both_cut in (("Sure.", False), ("knead the dough " * 60, True)):
-        full = len(tok.encode(raw_prompt(prompt, response)))
-        text, cut = fit_prompt(tok, prompt, response, 400)
-        n = len(tok.encode(text))
-        assert n <= 400 and cut == full - n > 0
-        assert text.startswith(INSTRUCTION + "\nHuman user:\n")
-        kept_prompt, kept_response = split_input(text[len(INSTRUCTION) + 1:])
-        assert prompt.startswith(kept_prompt) and len(kept_prompt) < len(prompt)
-        # The shorter text keeps up to half of the room (all of it when it fits), the longer one the rest.
-        assert (kept_response == response) != both_cut and response.startswith(kept_response)
-        if both_cut:
-            assert abs(len(tok.encode(kept_prompt, bos=False)) - len(tok.encode(kept_response, bos=False))) <= 2
-    text, _ = fit_prompt(tok, prompt, None, 400)
-    assert split_input(text[len(INSTRUCTION) + 1:])[1] is None
-    with pytest.raises(GRError, match="lower --max-new-tokens"):
-        fit_prompt(tok, prompt, None, 50)
-
-
 @needs_shared
 def test_run_writes_official_prediction_files_and_scores_them(guard, tmp_path):
     folder, model, tok = guard
@@ -209,10 +186,12 @@ def test_run_writes_official_prediction_files_and_scores_them(guard, tmp_path):
     assert len(refusal) == 3 and "cut" in proc.stderr  # XSTest prompts exceed the tiny context: cut with a warning
     # A random model writes no labels: harmful golds are skipped; compliance/refusal golds count twice wrong.
     result = json.loads(proc.stdout)
+    # Without a verdict there are no probabilities either: no AUPRC.
+    none = {"auprc": None, "best_f1": None, "threshold": None}
     assert result["benchmarks"]["SimpleSafetyTests"]["request"] == \
-        {"f1": 0.0, "samples": 3, "counted": 0, "unparsed": 0, "skipped": 3}
+        {"f1": 0.0, "samples": 3, "counted": 0, "unparsed": 0, "skipped": 3, **none}
     assert result["benchmarks"]["XSTestResponseRefusal"]["completion"] == \
-        {"f1": 0.0, "samples": 3, "counted": 3, "unparsed": 3, "skipped": 0}
+        {"f1": 0.0, "samples": 3, "counted": 3, "unparsed": 3, "skipped": 0, **none}
     assert result["weighted"] == {"request": {"f1": 0.0, "samples": 3}, "completion": {"f1": 0.0, "samples": 3}}
 
 
@@ -240,12 +219,6 @@ def test_dev_metrics_generates_greedily_and_restores_training_mode(guard):
     assert metrics["outputs"] == [c[0].text for c in expected]
     assert metrics["parse_rate"] == 0.0  # a random model writes no Answers block
     assert metrics["accuracy"] == {"request": 0.0, "completion": None, "response": None}
-
-
-def test_prompt_budget_keeps_room_for_the_output():
-    assert prompt_budget(131072, 2048) == 129024  # Llama 3: the paper's 2048 new tokens
-    assert prompt_budget(2048, 2048) == 1024  # a short context: the output gets at most half
-    assert prompt_budget(512, 8) == 504
 
 
 def test_an_empty_prediction_file_is_an_error_not_f1_zero(tmp_path):

@@ -42,11 +42,14 @@ def test_json_mode_prints_one_object(guard):
     assert rc == 0, err
     result = json.loads(out)
     ids, tokens, text = greedy(model, tok, "How do I bake bread?", "Knead, rest, bake.")
-    assert list(result) == ["model", "prompt", "response", "labels", "output", "prompt_tokens", "new_tokens", "seconds",
-                            "input_truncated"]
+    assert list(result) == ["model", "prompt", "response", "labels", "probabilities", "parse_error", "input_truncated",
+                            "hit_max_new_tokens", "output", "prompt_tokens", "new_tokens", "seconds", "mode"]
     assert (result["prompt"], result["response"]) == ("How do I bake bread?", "Knead, rest, bake.")
     assert (result["output"], result["prompt_tokens"], result["new_tokens"]) == (text, len(ids), len(tokens))
-    assert result["labels"] == {"request": None, "completion": None, "response": None}  # a random model
+    # A random model writes no Answers block: the labels are unknown, never a default, and the flags say why.
+    assert result["labels"] == {"request": "unknown", "completion": "unknown", "response": "unknown"}
+    assert result["probabilities"] == {"request": None, "completion": None, "response": None}
+    assert (result["parse_error"], result["hit_max_new_tokens"], result["input_truncated"]) == (True, True, 0)
     assert result["seconds"] >= 0 and err == ""
 
 
@@ -55,7 +58,8 @@ def test_streams_the_output_then_prints_the_verdict(guard):
     rc, out, err = infer("Tell me a joke.", "--model", folder, "--max-new-tokens", 8)
     assert rc == 0, err
     _, _, text = greedy(model, tok, "Tell me a joke.")
-    assert out == text + "\n\n=== verdict ===\nRequest:  could not read\nResponse: no response given\n"
+    assert out == text + ("\n\n=== verdict ===\nRequest:  unknown\nResponse: no response given\n"
+                          "Flags:    parse_error, hit_max_new_tokens\n")
 
 
 def test_file_mode_round_trips_in_input_order(guard, tmp_path):
@@ -75,8 +79,10 @@ def test_file_mode_round_trips_in_input_order(guard, tmp_path):
     assert [(r["prompt_tokens"], r["new_tokens"]) for r in results] == \
         [(c[0].prompt_tokens, len(c[0].tokens)) for c in expected]
     assert [r["line"] for r in results] == [1, 2, 4]
-    assert all(set(r) == {"line", "model", "prompt", "response", "labels", "output", "prompt_tokens", "new_tokens",
-                          "seconds", "input_truncated"} for r in results)
+    assert all(set(r) == {"line", "model", "prompt", "response", "labels", "probabilities", "parse_error",
+                          "input_truncated", "hit_max_new_tokens", "output", "prompt_tokens", "new_tokens", "seconds",
+                          "mode"} for r in results)
+    assert "judged 3 lines: 3 parse errors, 0 inputs cut to fit, 3 outputs stopped at --max-new-tokens" in err
 
 
 def test_long_input_is_cut_with_a_warning_and_the_framing_kept(guard, tmp_path):
