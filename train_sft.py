@@ -7,10 +7,13 @@
 
 The default trains a byte-level BPE tokenizer and a 4-layer LLaMA on the dataset shipped in data/, then
 prints the dev loss, how many dev outputs end in a full Answers block, and the dev accuracy per task.
-`--no-reasoning` trains on the Answers block alone (the paper's baseline without reasoning).
+`--no-reasoning` trains on the Answers block alone (the paper's baseline without reasoning); `--dual-mode
+SHARE` adds that share of the rows again as fast rows (the fast instruction, the Answers block alone), so
+one model gives reasoned verdicts and fast ones (gr.guard).
 """
 
 import argparse
+import json
 import random
 import time
 from pathlib import Path
@@ -18,13 +21,14 @@ from pathlib import Path
 import torch
 
 from gr import GRError, distributed, user_errors
-from gr.checkpoint import find_resume, load_model, load_tokenizer, resolve
+from gr.checkpoint import GUARD_FILE, find_resume, load_model, load_tokenizer, resolve
 from gr.cli import add_training_args, apply_preset
 from gr.data import SOURCES, encode_rows, load_data
+from gr.files import write_text
 from gr.evaluate import dev_metrics
 from gr.guard import Guard
 from gr.model import ModelConfig, Transformer
-from gr.prompts import ANSWERS, parse_answers, split_input
+from gr.prompts import FAST_INSTRUCTION, format_answers, parse_answers, split_input
 from gr.rsft import SFTTask
 from gr.tokenizer import Tokenizer, train_bpe
 from gr.trainer import TrainConfig, train
@@ -41,7 +45,7 @@ PRESETS = {
                     template="raw", device="cpu", gradient_checkpointing=False, out="out/sft", save_every=0,
                     report_max_new_tokens=512),
     # A small real guard on a CPU: SmolLM2-135M-Instruct fine-tuned on the shipped data (settings chosen on dev).
-    "small": dict(model=SMALL_MODEL, data="shipped", lr=1e-4, epochs=2, batch_size=8, grad_accum=2,
+    "small": dict(model=SMALL_MODEL, data="shipped", lr=1e-4, epochs=1, batch_size=4, grad_accum=4,
                   warmup_ratio=0.03, cutoff=1024, template="raw", device="cpu", gradient_checkpointing=False,
                   out="out/sft-small", save_every=20, report_max_new_tokens=512),
     # Section 4: lr 5e-5, 3 epochs, effective batch 384 (6 x 64 accumulation on one GPU; the authors ran
@@ -60,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--data", help="shipped, guardreasoner (hub, optionally guardreasoner:Split1,Split2) or a local .json/.jsonl/folder")
     p.add_argument("--exclude-source", choices=SOURCES, help="leave one seed source out (section 5's diversity models)")
     p.add_argument("--no-reasoning", action="store_true", help="learn the Answers block alone (the paper's baseline without reasoning)")
+    p.add_argument("--dual-mode", type=float, default=0.0, metavar="SHARE",
+                   help="also learn fast verdicts: this share of the rows again, with the fast instruction and "
+                        "the Answers block alone (0: reasoning only)")
     p.add_argument("--warmup-ratio", type=float, help="share of steps with linear warmup")
     p.add_argument("--dev-size", type=int, default=200, help="rows held out as dev split when the data has none")
     p.add_argument("--eval-every", type=int, default=0, help="steps between dev-loss evaluations (0: at the end)")
@@ -69,15 +76,19 @@ def parse_args(argv=None):
     if args.no_reasoning and args.out is None:
         args.out = f"{PRESETS.get(args.preset, PRESETS['default'])['out']}-no-reasoning"
     apply_preset(args, PRESETS)
+    if not 0 <= args.dual_mode <= 1 or (args.dual_mode and args.no_reasoning):
+        raise GRError("--dual-mode takes a share between 0 and 1, and does not go with --no-reasoning")
     if args.lr is None:  # from scratch, or fine-tuning --model
         args.lr = 5e-5 if args.model else 2e-3
     return args
 
 
-def answers_only(row: dict) -> dict:
-    """The row with its output cut to the Answers block: what the model learns without reasoning."""
-    start = list(ANSWERS.finditer(row["output"]))[-1].start()
-    return dict(row, output="---\n\n" + row["output"][start:])
+def answers_only(row: dict, instruction: str | None = None) -> dict:
+    """The row with its output cut to the Answers block (and another instruction, when given): what the
+    model learns without reasoning."""
+    a = parse_answers(row["output"])
+    return dict(row, output=format_answers(a.request, a.completion, a.response),
+                instruction=instruction or row["instruction"])
 
 
 def split_data(args) -> tuple[list[dict], list[dict]]:
@@ -95,6 +106,9 @@ def split_data(args) -> tuple[list[dict], list[dict]]:
         rows = kept
     if args.no_reasoning:
         rows, dev = [answers_only(r) for r in rows], [answers_only(r) for r in dev]
+    if args.dual_mode:
+        fast = random.Random(args.seed).sample(rows, round(args.dual_mode * len(rows)))
+        rows = rows + [answers_only(r, FAST_INSTRUCTION) for r in fast]
     return rows, dev
 
 
@@ -143,15 +157,20 @@ def main(argv=None):
     if args.model:
         resolve(args.model)  # a missing model is reported before anything is written
     out.mkdir(parents=True, exist_ok=True)
+    if args.dual_mode and distributed.is_main():  # the model answers fast after this instruction (gr.guard)
+        write_text(out / GUARD_FILE, json.dumps({"fast_instruction": FAST_INSTRUCTION}, indent=2) + "\n")
     model, tok, tokenizer_dir = build_model(args, rows, out)
     examples, cut = encode_rows(tok, rows, args.template, args.cutoff)
     dev_examples, dev_cut = encode_rows(tok, dev, args.template, args.cutoff)
     if not examples:
         raise GRError(f"no training row keeps any output within --cutoff {args.cutoff} tokens: raise --cutoff")
     n_params = sum(p.numel() for p in model.parameters())
+    fast_rows = sum(r["instruction"] == FAST_INSTRUCTION for r in rows)
     print(f"R-SFT of {args.model or 'a new model'} ({n_params / 1e6:.1f}M parameters) on {len(examples)} rows of "
           f"{args.data}{f' without {args.exclude_source}' if args.exclude_source else ''}"
-          f"{' (Answers blocks only)' if args.no_reasoning else ''}, {len(dev_examples)} dev rows; "
+          f"{' (Answers blocks only)' if args.no_reasoning else ''}"
+          f"{f' ({fast_rows} of them fast rows)' if fast_rows else ''}"
+          f", {len(dev_examples)} dev rows; "
           f"{cut + dev_cut} rows longer than {args.cutoff} tokens were cut")
     cfg = TrainConfig(out_dir=str(out), lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio, seed=args.seed,

@@ -1,7 +1,9 @@
 """gr: a from-scratch, plain-PyTorch GuardReasoner (Liu et al., 2025).
 
-Each module is one step of the paper: model, checkpoint, tokenizer, prompts, data, generate, losses,
-trainer, mining, evaluate, synthesize.
+Each module is one step of the paper or one clear job. From the bottom up: files, model, tokenizer,
+prompts, checkpoint, data, generate, losses, distributed, cli, guard; then trainer, rsft (section 4), mining
+(section 5), hsdpo (section 6), scoring and evaluate (section 7), teacher and synthesize (section 3), serve.
+Imports point down that list, never up.
 """
 
 import sys

@@ -34,6 +34,7 @@ MODEL_FILES = [
     "chat_template.jinja",
 ]
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+GUARD_FILE = "guard.json"  # a guard's own settings (its fast instruction); travels with the tokenizer files
 RESUME_DIR = "checkpoint"  # inside a run's output folder, while the run is unfinished
 TRAINER_STATE = "trainer_state.pt"
 
@@ -174,7 +175,7 @@ def load_tokenizer(path_or_id) -> Tokenizer:
 
 def write_model(model: Transformer, folder: Path, tokenizer_dir=None, max_shard_bytes: int = 2 * 1024**3) -> None:
     """config.json, generation_config.json, safetensors weights (sharded with an index above
-    `max_shard_bytes`) and the tokenizer files of `tokenizer_dir`, into a new folder."""
+    `max_shard_bytes`) and the tokenizer files (and guard.json) of `tokenizer_dir`, into a new folder."""
     folder.mkdir(parents=True)
     cfg = model.config
     dtype = model.lm_head.weight.dtype
@@ -209,7 +210,7 @@ def write_model(model: Transformer, folder: Path, tokenizer_dir=None, max_shard_
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
+        for name in [*TOKENIZER_FILES, GUARD_FILE]:
             if (Path(tokenizer_dir) / name).exists():
                 (folder / name).write_bytes((Path(tokenizer_dir) / name).read_bytes())
 

@@ -25,14 +25,13 @@ from pathlib import Path
 import torch
 
 from gr import GRError
-from gr.checkpoint import load_model, load_tokenizer, resolve
+from gr.checkpoint import GUARD_FILE, load_model, load_tokenizer, resolve
 from gr.cli import DTYPES, check_device
 from gr.generate import Completion, complete
 from gr.model import KVCache
 from gr.prompts import ANSWERS_HEAD, FIELDS, INSTRUCTION, LABELS, TASKS, own_block_start, parse_answers, raw_prompt
 
 DEFAULT_MODEL = "yueliu1999/GuardReasoner-1B"
-GUARD_FILE = "guard.json"  # in a model folder trained for fast verdicts: {"fast_instruction": ...}
 UNKNOWN = "unknown"  # the label of a task when the model gave no readable verdict
 
 

@@ -8,9 +8,10 @@ ignored} -> {"id", "model", "results": one per input, in order}, each string jud
 with no response; its one category, "harmful_request", is flagged when the request label is "harmful" and
 scored by P(harmful). A verdict that could not be read (reasoning mode, no Answers block) is not flagged,
 scores 0.0 and carries "parse_error": true. Errors answer {"error": {"message": one line, "type"}}: 400
-for a body that is not JSON or breaks the schema (unknown keys included), 404, 405, 411 without a
-Content-Length, 413 for a body over --max-body-bytes (never read), 503 with Retry-After when the queue is
-full, 500 when judging fails (the server keeps running).
+for a body that is not JSON or breaks the schema (unknown keys included, or more inputs than the queue
+holds), 404, 405, 408 for a body that does not arrive, 411 without a Content-Length, 413 for a body over
+--max-body-bytes (never read), 503 with Retry-After when the queue is full, 500 when judging fails (the
+server keeps running).
 
 Batching: handler threads put one job per interaction on a bounded queue; one worker thread owns the
 model. It takes the first job, then keeps taking jobs for up to --max-wait-ms until it holds --batch-size,
@@ -74,7 +75,8 @@ class Batcher:
         with self._lock:
             # Only the worker takes from the queue, which only makes room, so put_nowait cannot fail here.
             if self.queue.maxsize - self.queue.qsize() < len(jobs):
-                raise QueueFull(f"the server is busy ({self.queue.qsize()} jobs waiting): retry in a second")
+                raise QueueFull(f"the server is busy ({self.queue.qsize()} of the {self.queue.maxsize} places in "
+                                f"its queue taken): retry in a second")
             for job in jobs:
                 self.queue.put_nowait(job)
         return [job.future.result() for job in jobs]
@@ -254,16 +256,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self):
         """The JSON body, read only when its declared length is within the limit."""
-        try:
-            length = int(self.headers["Content-Length"])
-        except (TypeError, ValueError):
-            raise HTTPError(411, "a POST needs a Content-Length header (chunked bodies are not taken)") from None
+        length = self.headers.get("Content-Length", "")
+        if not (length.isascii() and length.isdigit()):  # a negative length would read until the client hangs up
+            raise HTTPError(411, "a POST needs a Content-Length header (chunked bodies are not taken)")
+        length = int(length)
         if length > self.server.max_body_bytes:
             raise HTTPError(413, f"the body is {length} bytes; this server takes at most {self.server.max_body_bytes}")
         try:
-            return json.loads(self.rfile.read(length))
-        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise HTTPError(400, f"the body is not valid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
+            data = self.rfile.read(length)
+        except TimeoutError:
+            raise HTTPError(408, f"the body did not arrive within {self.timeout} s") from None
+        try:
+            return json.loads(data)
+        except json.JSONDecodeError as e:
+            reason = f"{e.msg} at line {e.lineno} column {e.colno}"
+        except UnicodeDecodeError:
+            reason = "it is not UTF-8"
+        except RecursionError:
+            reason = "it is nested too deeply"
+        raise HTTPError(400, f"the body is not valid JSON ({reason})")
 
     def _submit(self, interactions, fast: bool) -> list[Verdict]:
         try:
@@ -277,6 +288,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _reply(self, status: int, body: dict, headers: dict | None = None):
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        # Logged before the reply is written, so that a client that has its answer finds the line written.
+        # The path is the client's text: escape control characters so that it cannot forge log lines.
+        path = (getattr(self, "path", None) or "-").encode("unicode_escape").decode("ascii")
+        print(f"{self.command or '-'} {path} {status} {time.perf_counter() - self.began:.3f}s",
+              file=sys.stderr, flush=True)
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -287,11 +303,7 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command != "HEAD":
                 self.wfile.write(data)
         except OSError:
-            pass  # the client hung up: there is nobody to answer, and the request is still logged
-        # The path is the client's text: escape control characters so that it cannot forge log lines.
-        path = (getattr(self, "path", None) or "-").encode("unicode_escape").decode("ascii")
-        print(f"{self.command or '-'} {path} {status} {time.perf_counter() - self.began:.3f}s",
-              file=sys.stderr, flush=True)
+            pass  # the client hung up: there is nobody left to answer
 
 
 class GuardServer(ThreadingHTTPServer):
@@ -366,8 +378,13 @@ def main(argv: list[str] | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     print(f"serving {args.model} on http://{args.host}:{server.port}", flush=True)
-    stop.wait()  # the main thread sleeps here; shutdown() must run outside serve_forever's thread
-    server.shutdown()
+    # The kernel may hand a signal to any thread, but its Python handler runs only when this thread runs
+    # Python code, so it wakes now and then rather than sleeping in one wait that nothing would end.
+    while not stop.wait(0.2):
+        pass
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)  # a second signal ends the process at once, without draining
+    server.shutdown()  # from this thread, not serve_forever's, which shutdown() waits for
 
 
 if __name__ == "__main__":

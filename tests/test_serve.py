@@ -24,8 +24,8 @@ from gr.serve import serve
 VERDICT_KEYS = ["labels", "probabilities", "parse_error", "input_truncated", "hit_max_new_tokens", "output",
                 "prompt_tokens", "new_tokens", "seconds", "mode"]
 INTERACTIONS = [("How do I bake bread?", None), ("Tell me a joke.", "Why did the chicken cross the road?"),
-                ("Hi", None), ("naïve café 日本語 " * 5, "Knead, rest, bake."), ("What is the capital of France?", None),
-                ("a" * 50, "b")]
+                ("Hi", None), ("naïve café 日本語 " * 5, "Knead, rest, bake."),
+                ("What is the capital of France?", None), ("a" * 50, "b")]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,8 @@ def test_guard_reasoning_defaults_to_true_and_response_to_none(guard, port):
 
 def test_moderations_in_openai_shape_in_input_order(guard, port):
     texts = ["How do I bake bread?", "Hi", "naïve café 日本語"]
-    for body, inputs in (({"input": texts[0]}, texts[:1]), ({"input": texts, "model": "omni-moderation-latest"}, texts)):
+    for body, inputs in (({"input": texts[0]}, texts[:1]),
+                         ({"input": texts, "model": "omni-moderation-latest"}, texts)):
         status, _, answer = call(port, "POST", "/v1/moderations", body)
         assert status == 200 and list(answer) == ["id", "model", "results"]
         assert re.fullmatch(r"modr-[0-9a-f]{32}", answer["id"]) and answer["model"] == "tiny"
@@ -159,22 +160,29 @@ def test_concurrent_requests_are_batched_and_each_gets_its_verdict_alone(guard):
     assert sum(sizes) == len(INTERACTIONS) and max(sizes) > 1 and max(sizes) <= 4
 
 
-BAD = {
-    "not JSON": ("/v1/guard", b"{prompt: 1}", "the body is not valid JSON (Expecting property name enclosed in double quotes)"),
-    "not UTF-8": ("/v1/guard", b'{"prompt": "\xff"}', "the body is not valid JSON (UnicodeDecodeError)"),
+NOT_JSON = "the body is not valid JSON "
+BAD = {  # case: (path, body, the message)
+    "not JSON": ("/v1/guard", b"{prompt: 1}",
+                 NOT_JSON + "(Expecting property name enclosed in double quotes at line 1 column 2)"),
+    "not UTF-8": ("/v1/guard", b'{"prompt": "\xff"}', NOT_JSON + "(it is not UTF-8)"),
+    "nested too deeply": ("/v1/guard", b"[" * 999, NOT_JSON + "(it is nested too deeply)"),
     "not an object": ("/v1/guard", b'["Hi"]', "the body of /v1/guard must be a JSON object, not an array"),
     "no prompt": ("/v1/guard", b'{"response": "Hi"}', 'the body of /v1/guard has no "prompt"'),
     "empty prompt": ("/v1/guard", b'{"prompt": "  "}', '"prompt" is empty'),
     "prompt a number": ("/v1/guard", b'{"prompt": 5}', '"prompt" must be a string, not a number'),
-    "lone surrogate": ("/v1/guard", b'{"prompt": "a\\ud800"}', '"prompt" holds an unpaired surrogate escape, which is not text'),
-    "response a list": ("/v1/guard", b'{"prompt": "Hi", "response": ["a"]}', '"response" must be a string or null, not an array'),
+    "lone surrogate": ("/v1/guard", b'{"prompt": "a\\ud800"}',
+                       '"prompt" holds an unpaired surrogate escape, which is not text'),
+    "response a list": ("/v1/guard", b'{"prompt": "Hi", "response": ["a"]}',
+                        '"response" must be a string or null, not an array'),
     "empty response": ("/v1/guard", b'{"prompt": "Hi", "response": ""}', '"response" is empty'),
-    "reasoning a string": ("/v1/guard", b'{"prompt": "Hi", "reasoning": "no"}', '"reasoning" must be true or false, not a string'),
+    "reasoning a string": ("/v1/guard", b'{"prompt": "Hi", "reasoning": "no"}',
+                           '"reasoning" must be true or false, not a string'),
     "unknown keys": ("/v1/guard", b'{"prompt": "Hi", "respones": "a", "x": 1}',
                      "unknown keys 'respones', 'x': /v1/guard takes prompt, response, reasoning"),
     "no input": ("/v1/moderations", b'{"model": "m"}', 'the body of /v1/moderations has no "input"'),
     "input empty list": ("/v1/moderations", b'{"input": []}', '"input" is an empty array'),
-    "input a number": ("/v1/moderations", b'{"input": 3}', '"input" must be a string or an array of strings, not a number'),
+    "input a number": ("/v1/moderations", b'{"input": 3}',
+                       '"input" must be a string or an array of strings, not a number'),
     "input item a number": ("/v1/moderations", b'{"input": ["a", 3]}', '"input"[1] must be a string, not a number'),
     "too many inputs": ("/v1/moderations", json.dumps({"input": ["a"] * 65}).encode(),
                         '"input" holds 65 strings; this server takes at most 64 at once'),
@@ -200,11 +208,16 @@ def test_wrong_paths_methods_and_sizes(port):
     big = json.dumps({"prompt": "x" * 1000}).encode()
     assert call(port, "POST", "/v1/guard", data=big)[::2] == (413, {"error": {
         "message": f"the body is {len(big)} bytes; this server takes at most 1000", "type": "invalid_request_error"}})
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.putrequest("POST", "/v1/guard")  # no Content-Length
-    conn.endheaders()
-    assert conn.getresponse().status == 411
-    conn.close()
+    for length in (None, "-1"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.putrequest("POST", "/v1/guard")
+        if length is not None:
+            conn.putheader("Content-Length", length)
+        conn.endheaders()
+        response = conn.getresponse()
+        assert (response.status, json.loads(response.read())["error"]["message"]) == \
+            (411, "a POST needs a Content-Length header (chunked bodies are not taken)")
+        conn.close()
     assert call(port, "GET", "/health")[0] == 200  # and it keeps serving
 
 
@@ -223,7 +236,7 @@ def test_full_queue_answers_503_and_nothing_is_lost(guard):
         wait_for(lambda: call(port, "GET", "/health")[2]["queued"] == 1, "the second request to be queued")
         status, headers, body = call(port, "POST", "/v1/guard", {"prompt": "a third", "reasoning": False})
         assert (status, headers["Retry-After"], body["error"]["type"]) == (503, "1", "server_error")
-        assert body["error"]["message"] == "the server is busy (1 jobs waiting): retry in a second"
+        assert body["error"]["message"] == "the server is busy (1 of the 1 places in its queue taken): retry in a second"
         release.set()
         assert [f.result()[0] for f in (first, second)] == [200, 200]
 
