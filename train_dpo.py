@@ -23,7 +23,7 @@ from gr import GRError, distributed, user_errors
 from gr.checkpoint import find_resume, load_model, load_tokenizer, resolve
 from gr.cli import add_training_args, apply_preset, at_least
 from gr.data import SOURCES, load_data
-from gr.evaluate import dev_metrics
+from gr.evaluate import dev_report
 from gr.files import write_text
 from gr.guard import Guard
 from gr.hsdpo import DPOTask, make_pairs
@@ -37,9 +37,9 @@ PRESETS = {
                     gradient_checkpointing=False, out="out/hsdpo", report_max_new_tokens=512, mine_rows=0),
     # The small guard: mine the SmolLM2 R-SFT model (train_sft.py --preset small), then HS-DPO; settings
     # chosen on dev within a CPU budget.
-    "small": dict(sft="out/sft-small", data="shipped", max_new_tokens=384, beta=0.1, ftx=1.0, lr=5e-6, epochs=2,
+    "small": dict(sft="out/sft-small", data="shipped", max_new_tokens=384, beta=0.1, ftx=1.0, lr=1e-5, epochs=2,
                   batch_size=4, grad_accum=4, cutoff=1024, template="raw", device="cpu", save_every=10,
-                  gradient_checkpointing=False, out="out/hsdpo-small", report_max_new_tokens=512, mine_rows=0),
+                  gradient_checkpointing=False, out="out/hsdpo-small", report_max_new_tokens=512, mine_rows=600),
     # Section 6: beta 0.01, ftx 2.0, lr 5e-6, 2 epochs, effective batch 256 pairs (1 x 256 accumulation on
     # one GPU; the authors ran 1 x 64 x 4 GPUs), cosine, no warmup, cutoff 2048; k=4 samples of <= 2048 tokens.
     "paper": dict(sft="out/sft-paper", data="guardreasoner", max_new_tokens=2048, beta=0.01, ftx=2.0, lr=5e-6,
@@ -110,10 +110,11 @@ def mine_with(folder, rows, args, out: Path, label: str):
     return mine(rows, outputs)
 
 
-def dev_report(model, tok, dev, args) -> dict | None:
+def report(model, tok, dev, folder, args) -> dict | None:
+    """Dev figures of the model saved in `folder` (kept there, so the R-SFT model's are read, not redone)."""
     if args.no_report or not dev or not distributed.is_main():  # under torchrun rank 0 reports
         return None
-    return dev_metrics(Guard(model, tok, max_new_tokens=args.report_max_new_tokens), dev, batch_size=16)
+    return dev_report(Guard(model, tok, max_new_tokens=args.report_max_new_tokens), dev, folder)
 
 
 def main(argv=None):
@@ -152,7 +153,7 @@ def main(argv=None):
 
     model = load_model(folder, device=args.device)
     tok = load_tokenizer(folder)
-    before = dev_report(model, tok, dev, args)
+    before = report(model, tok, dev, folder, args)
     pairs = make_pairs(tok, hard, args.template, args.cutoff)
     task = DPOTask(pairs, tok.pad_id, beta=args.beta, ftx=args.ftx, batch_size=args.batch_size)
     model.eval()
@@ -170,7 +171,7 @@ def main(argv=None):
     print("\nreward accuracy / margin on the mined pairs during training:")
     for row in (r for r in log if "pairs_reward_accuracy" in r):
         print(f"  step {row['step']:4d}: accuracy {row['pairs_reward_accuracy']:.3f}, margin {row['pairs_margin']:+.4f}")
-    after = dev_report(model, tok, dev, args)
+    after = report(model, tok, dev, out, args)
     if before and after:
         print("dev split        parse rate  " + "  ".join(f"{t:>10}" for t in before["accuracy"]))
         for name, m in (("R-SFT", before), ("HS-DPO", after)):

@@ -25,7 +25,7 @@ from gr.checkpoint import GUARD_FILE, find_resume, load_model, load_tokenizer, r
 from gr.cli import add_training_args, apply_preset
 from gr.data import SOURCES, encode_rows, load_data
 from gr.files import write_text
-from gr.evaluate import dev_metrics
+from gr.evaluate import dev_report
 from gr.guard import Guard
 from gr.model import ModelConfig, Transformer
 from gr.prompts import FAST_INSTRUCTION, format_answers, parse_answers, split_input
@@ -45,7 +45,7 @@ PRESETS = {
                     template="raw", device="cpu", gradient_checkpointing=False, out="out/sft", save_every=0,
                     report_max_new_tokens=512),
     # A small real guard on a CPU: SmolLM2-135M-Instruct fine-tuned on the shipped data (settings chosen on dev).
-    "small": dict(model=SMALL_MODEL, data="shipped", lr=1e-4, epochs=1, batch_size=4, grad_accum=4,
+    "small": dict(model=SMALL_MODEL, data="shipped", lr=3e-4, epochs=1, batch_size=4, grad_accum=4,
                   warmup_ratio=0.03, cutoff=1024, template="raw", device="cpu", gradient_checkpointing=False,
                   out="out/sft-small", save_every=20, report_max_new_tokens=512),
     # Section 4: lr 5e-5, 3 epochs, effective batch 384 (6 x 64 accumulation on one GPU; the authors ran
@@ -135,7 +135,7 @@ def report(model, tok, dev, log, args, seconds):
     if args.no_report or not dev:
         return
     guard = Guard(model, tok, max_new_tokens=args.report_max_new_tokens)
-    m = dev_metrics(guard, dev, batch_size=16)
+    m = dev_report(guard, dev, args.out)
     print(f"dev outputs with a full Answers block: {m['parse_rate']:.1%} of {len(dev)}")
     print("dev label accuracy: " + ", ".join(f"{task} {acc:.1%}" for task, acc in m["accuracy"].items()))
     prompt, response = split_input(dev[0]["input"])

@@ -23,21 +23,22 @@ from tqdm import tqdm
 from gr import GRError, user_errors
 from gr.cli import DTYPES, at_least
 from gr.data import BENCHMARKS, load_benchmark
-from gr.files import JsonlAppender, check_out_dir, dumps, read_jsonl, write_jsonl
+from gr.files import JsonlAppender, check_out_dir, dumps, read_jsonl, write_jsonl, write_text
 from gr.guard import Guard
 from gr.prompts import TASKS, parse_answers, split_input
 from gr.scoring import format_tables, score_benchmark, score_files, summary
 
 GENERATIONS = "generations.jsonl"
+DEV_REPORT = "dev_report.json"
 
 
-def run_key(guard: Guard, model: str, fast: bool) -> str:
+def run_key(guard: Guard, model: str, fast: bool, *more) -> str:
     """A fingerprint of what decides a verdict besides its interaction: the model (its folder and weight
     files, or its hub id) and the settings. Verdicts cached under another key are not reused."""
     folder = Path(model)
     weights = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.safetensors"))]
     identity = [str(folder.resolve()) if folder.is_dir() else model, weights, guard.max_new_tokens,
-                str(guard.model.lm_head.weight.dtype), "fast" if fast else "reasoning"]
+                str(guard.model.lm_head.weight.dtype), "fast" if fast else "reasoning", *more]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 
@@ -115,6 +116,20 @@ def dev_metrics(guard: Guard, rows: list[dict], *, batch_size: int = 16, fast: b
     finally:
         guard.model.train(was_training)
     return dev_scores(rows, [v.output for v in verdicts])
+
+
+def dev_report(guard: Guard, rows: list[dict], folder, *, batch_size: int = 32) -> dict:
+    """dev_metrics of the model saved in `folder`, kept in folder/dev_report.json: a later stage that starts
+    from this model (HS-DPO's "before") reads them instead of generating them again."""
+    path = Path(folder) / DEV_REPORT
+    key = run_key(guard, str(folder), False, dumps([row["input"] for row in rows]))
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["metrics"]
+    metrics = dev_metrics(guard, rows, batch_size=batch_size)
+    write_text(path, json.dumps({"key": key, "metrics": metrics}, ensure_ascii=False) + "\n")
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,7 +35,7 @@ def rows(n: int) -> list[dict]:
     for i in range(n):
         labels = [rng.choice(["harmful", "unharmful"]), rng.choice(["refusal", "compliance"]), rng.choice(["harmful", "unharmful"])]
         result.append({"instruction": "Classify.", "input": format_input(f"question {i % 2}", "an answer"),
-                       "output": "# Task 1\n\n" + format_answers(*labels), "source": rng.choice(["aegis", "wildguard"])})
+                       "output": "# Task 1\n\n# Task 2\n\n# Task 3\n\n" + format_answers(*labels), "source": rng.choice(["aegis", "wildguard"])})
     return result
 
 
@@ -133,7 +133,7 @@ def test_mining_and_hs_dpo_on_two_ranks(miner, tmp_path):
     """Two ranks sample exactly the outputs one process samples, so they find the same hard samples;
     HS-DPO on them (the reference log-probs split over the ranks too) then trains as one process."""
     folder, data = miner
-    args = ["--sft", str(folder), "--data", str(data), "--k", "4", "--max-new-tokens", "64", "--mine-batch-size", "8",
+    args = ["--sft", str(folder), "--data", str(data), "--k", "4", "--max-new-tokens", "96", "--mine-batch-size", "8",
             "--epochs", "1", "--batch-size", "5", "--grad-accum", "2", "--lr", "1e-3", "--eval-every", "5", "--no-report"]
     # Gradient checkpointing recomputes the same numbers: on the two ranks it checks that FSDP2 composes with it.
     for name, ranks, extra in (("one", 1, []), ("two", 2, ["--gradient-checkpointing"])):

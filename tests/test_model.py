@@ -119,7 +119,7 @@ def test_smollm2_real_weights_match_transformers(smollm2):
     ref_ids = ref_tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
     system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-    ids = tok.encode(text)
+    ids = tok.encode_template(text)
     assert list(ref_ids) == ids
     ref = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     ours = load_model(smollm2, dtype=torch.float32)
