@@ -11,6 +11,7 @@ than 200 or none at all. Not a test.
 """
 
 import argparse
+import collections
 import http.client
 import json
 import os
@@ -95,13 +96,13 @@ def main():
         print(f"model {folder}, {args.clients} clients x {args.requests} requests, batch size {args.batch_size}, "
               f"max new tokens {args.max_new_tokens}, {args.device} {args.dtype}, CPU count {os.cpu_count()}")
         print(f"{'mode':9} {'sent':>6} {'200':>6} {'other':>6} {'req/s':>8} {'p50 s':>8} {'p95 s':>8}")
-        dropped = 0
+        dropped = collections.Counter()  # status of each request not answered 200 (0: no answer at all)
         try:
             for mode, reasoning in (("fast", False), ("reasoning", True)):
                 post(port, {"prompt": interactions[0][0], "response": interactions[0][1], "reasoning": reasoning})
                 results, wall = load(port, interactions, args.clients, args.requests, reasoning)
                 ok = sum(status == 200 for status, _ in results)
-                dropped += len(results) - ok
+                dropped.update(status for status, _ in results if status != 200)
                 # quantiles needs two points; with one, both percentiles are that one latency.
                 latencies = [seconds for _, seconds in results] * (1 if len(results) > 1 else 2)
                 cuts = statistics.quantiles(latencies, n=20, method="inclusive")
@@ -110,7 +111,8 @@ def main():
         finally:
             server.send_signal(signal.SIGTERM)
             code = server.wait()
-    print(f"server exited {code}; {'nothing dropped' if not dropped else f'{dropped} requests got no 200'}")
+    print(f"server exited {code}; " + ("nothing dropped" if not dropped else
+          f"{sum(dropped.values())} requests got no 200 (by status: {dict(dropped)})"))
     sys.exit(1 if dropped or code else 0)
 
 

@@ -310,6 +310,7 @@ class GuardServer(ThreadingHTTPServer):
     """The HTTP server and its batcher, serving from a thread of its own from the start; `shutdown()` drains it."""
 
     daemon_threads = False  # server_close() then waits for every handler to write its reply
+    request_queue_size = 1024  # the listen backlog: the default 5 resets clients that connect at the same moment
 
     def __init__(self, address, guard: Guard, *, model: str, batch_size: int, max_wait_ms: float, queue_size: int,
                  max_body_bytes: int, moderation_mode: str):

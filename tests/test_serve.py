@@ -288,3 +288,16 @@ def test_a_user_error_of_the_command_line_exits_2_before_the_model_loads(tmp_pat
     proc = subprocess.run([sys.executable, "-m", "gr.serve", "--model", str(tmp_path / "no-model"), *flag],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"error: {message}\n")
+
+
+def test_clients_that_connect_at_the_same_moment_are_all_answered(guard):
+    """64 connections opened at once wait in the listen backlog (http.server's default of 5 reset some)."""
+    with running(guard) as port:
+        start = threading.Barrier(64)
+
+        def health(_):
+            start.wait()
+            return call(port, "GET", "/health")[0]
+
+        with ThreadPoolExecutor(64) as pool:
+            assert list(pool.map(health, range(64))) == [200] * 64
