@@ -3,18 +3,20 @@ predictions and on small hand-made files, `python -m gr.evaluate run` end to end
 checkpoint, prompt fitting, and the dev-set figures of the training scripts."""
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from conftest import ROOT, SHARED, tiny_guard
 from gr.checkpoint import load_model, load_tokenizer
 from gr import GRError
 from gr.evaluate import dev_metrics, dev_scores, main
 from gr.guard import Guard
-from gr.scoring import score_files, weighted_average
+from gr.scoring import average_precision, best_threshold_f1, score_files, weighted_average
 from gr.generate import complete
 from gr.prompts import INSTRUCTION, format_answers, format_input, raw_prompt, split_input
 
@@ -282,3 +284,17 @@ def test_run_checks_its_out_folder_before_loading_the_model(tmp_path):
     with pytest.raises(SystemExit) as exit:
         main(["run", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "file")])
     assert exit.value.code == 2
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auprc_and_best_threshold_f1_equal_scikit_learn(seed):
+    """Average precision and the best F1 over thresholds "score >= t", ties included (scores rounded to
+    one decimal), against scikit-learn's average_precision_score and precision_recall_curve."""
+    rng = random.Random(seed)
+    golds = [rng.random() < 0.3 for _ in range(200)]
+    scores = [round(min(1.0, max(0.0, rng.gauss(0.6 if g else 0.4, 0.2))), 1) for g in golds]
+    assert average_precision(golds, scores) == pytest.approx(average_precision_score(golds, scores), abs=1e-12)
+    precision, recall, thresholds = precision_recall_curve(golds, scores)
+    f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision[:-1], recall[:-1])]
+    best = max(range(len(f1)), key=lambda i: (f1[i], thresholds[i]))
+    assert best_threshold_f1(golds, scores) == pytest.approx((f1[best], thresholds[best]), abs=1e-12)
