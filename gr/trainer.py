@@ -172,14 +172,13 @@ def train(model, task, cfg: TrainConfig, tokenizer_dir=None, resume: bool = Fals
 def plot_loss(log: list[dict], path) -> None:
     """The training (and dev) loss against the step, as a PNG, when matplotlib is installed."""
     try:
-        # An optional dependency, looked for only when a curve is drawn; the log is the record.
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # An optional dependency, looked for only when a curve is drawn; the log is the record. A bare Figure
+        # needs no backend, so drawing here leaves pyplot (a notebook's inline plots) as it was.
+        from matplotlib.figure import Figure
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot([r["step"] for r in log], [r["loss"] for r in log], label="train")
     dev = [r for r in log if "dev_loss" in r]
     if dev:
@@ -189,7 +188,6 @@ def plot_loss(log: list[dict], path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def _rng_state() -> dict:

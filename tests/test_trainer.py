@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import matplotlib
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -15,7 +16,7 @@ from gr.checkpoint import load_model, load_tokenizer
 from gr.data import Example, IGNORE, load_shipped
 from gr.model import ModelConfig, Transformer
 from gr.rsft import SFTTask
-from gr.trainer import TrainConfig, cosine_schedule, train
+from gr.trainer import TrainConfig, cosine_schedule, plot_loss, train
 
 
 def tiny_task(n=12, seed=0):
@@ -177,3 +178,15 @@ def test_resume_finds_a_checkpoint_a_kill_left_under_its_temporary_name(tmp_path
     train(straight, tiny_task(), run(tmp_path, "s2"))
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_the_loss_curve_leaves_the_plotting_backend_as_it_was(tmp_path):
+    """A notebook that trains keeps its inline plots: drawing loss.png does not switch pyplot's backend."""
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        plot_loss([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0, "dev_loss": 1.5}], tmp_path / "loss.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(previous)
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
