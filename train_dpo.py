@@ -35,8 +35,8 @@ PRESETS = {
     "default": dict(sft="out/sft", data="shipped", max_new_tokens=512, beta=0.1, ftx=1.0, lr=1e-4, epochs=3,
                     batch_size=8, grad_accum=1, cutoff=1024, template="raw", device="cpu", save_every=0,
                     gradient_checkpointing=False, out="out/hsdpo", report_max_new_tokens=512, mine_rows=0),
-    # The small guard: mine the SmolLM2 R-SFT model (train_sft.py --preset small), then HS-DPO; settings
-    # chosen on dev within a CPU budget.
+    # The small guard: mine 600 rows with the SmolLM2 R-SFT model (train_sft.py --preset small), then HS-DPO;
+    # section 6's recipe scaled to a CPU budget (beta and lr for a 135M model), not yet tuned on dev.
     "small": dict(sft="out/sft-small", data="shipped", max_new_tokens=384, beta=0.1, ftx=1.0, lr=1e-5, epochs=2,
                   batch_size=4, grad_accum=4, cutoff=1024, template="raw", device="cpu", save_every=10,
                   gradient_checkpointing=False, out="out/hsdpo-small", report_max_new_tokens=512, mine_rows=600),
