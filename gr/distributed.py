@@ -18,6 +18,7 @@ The output folder must be one that every rank sees (one machine, or a shared fil
 """
 
 import atexit
+import gc
 import os
 import sys
 from datetime import timedelta
@@ -50,10 +51,19 @@ def init(device: str) -> str:
                               f"pass --nproc_per_node={gpus} or fewer")
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
-        atexit.register(dist.destroy_process_group)
+        atexit.register(_leave)
         if dist.get_rank() != 0:
             sys.stdout = open(os.devnull, "w")
     return f"cuda:{torch.cuda.current_device()}" if cuda else device
+
+
+def _leave() -> None:
+    """Leave the process group while the interpreter is whole. FSDP2's hooks keep the trained model in
+    reference cycles that hold the group's tensors; freed only at interpreter shutdown, they let gloo's
+    threads touch Python objects being torn down (an occasional SIGABRT at exit). Collect them first."""
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def active() -> bool:

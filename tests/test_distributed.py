@@ -145,3 +145,26 @@ def test_mining_and_hs_dpo_on_two_ranks(miner, tmp_path):
     assert (one / "mining_summary.json").read_text() == (two / "mining_summary.json").read_text()
     assert [p.name.split(".")[-1] for p in sorted((two / "mining").iterdir())] == ["jsonl", "rank1"]
     assert_same_run(one, two)
+
+
+def test_a_rank_leaves_the_process_group_with_no_sharded_model_alive(sft_setup, tmp_path):
+    """FSDP2's hooks keep a trained model alive in reference cycles; left for interpreter shutdown, its
+    gloo work is torn down with the interpreter (an occasional SIGABRT at exit). The exit handler
+    gr.distributed registers must collect them before it leaves the process group."""
+    args, _ = sft_setup
+    script = tmp_path / "run_and_exit.py"
+    script.write_text(
+        "import atexit, gc, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import torch.distributed as dist\n"
+        "from torch.distributed.fsdp import FSDPModule\n"
+        "import train_sft\n"
+        "train_sft.main(sys.argv[1:])\n"
+        "atexit._run_exitfuncs()\n"
+        "alive = sum(isinstance(o, FSDPModule) for o in gc.get_objects())\n"
+        "print(f'rank left: {not dist.is_initialized()}, sharded modules alive: {alive}', file=sys.stderr)\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    result = subprocess.run(cmd + args + ["--out", str(tmp_path / "out"), "--max-steps", "2"], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("rank left: True, sharded modules alive: 0") == 2, result.stderr[-3000:]
