@@ -41,7 +41,7 @@ SMALL_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 PRESETS = {
     # From scratch on the shipped data (or fine-tuning --model with a fine-tuning learning rate).
-    "default": dict(data="shipped", lr=None, epochs=3, batch_size=8, grad_accum=1, warmup_ratio=0.05, cutoff=1024,
+    "default": dict(data="shipped", lr=None, epochs=2, batch_size=8, grad_accum=1, warmup_ratio=0.05, cutoff=1024,
                     template="raw", device="cpu", gradient_checkpointing=False, out="out/sft", save_every=0,
                     report_max_new_tokens=512),
     # A small real guard on a CPU: SmolLM2-135M-Instruct fine-tuned on the shipped data (settings chosen on dev).
